@@ -1,0 +1,22 @@
+"""Normalisations: RMSNorm (Qwen3, in float32) and per-vector L2 normalisation."""
+
+import jax
+import jax.numpy as jnp
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """`x * rsqrt(mean(x²) + eps) * scale` over the last axis, computed in float32.
+
+  x: [..., D]; scale: [D]. Returns x's dtype (the HF Qwen3 convention: normalise in float32,
+  cast back, then multiply by the weight).
+  """
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return scale * y.astype(x.dtype)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """x / max(‖x‖₂, eps) over the last axis (torch.nn.functional.normalize semantics)."""
+  xf = x.astype(jnp.float32)
+  norm = jnp.sqrt(jnp.sum(xf * xf, axis=-1, keepdims=True))
+  return (xf / jnp.maximum(norm, eps)).astype(x.dtype)
