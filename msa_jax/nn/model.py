@@ -91,20 +91,27 @@ class Block(nnx.Module):
     self.cfg = cfg
     self.is_router = cfg.is_router_layer(layer)
 
-  def __call__(self, x: jax.Array, seq: Sequence) -> tuple[jax.Array, Routing | None]:
+  def pre(self, x: jax.Array, positions: jax.Array):
+    """x [B, T, D] -> (h, q, k, v): the normed input and the rotated attention projections."""
     h = self.input_norm(x)
-    q, k, v = self.attn.qkv(h, seq.positions)
+    return (h, *self.attn.qkv(h, positions))
+
+  def post(self, x: jax.Array, attn_out: jax.Array) -> jax.Array:
+    """Residual adds around o_proj(attn_out [B, T, N, H]) and the MLP."""
+    b, t = x.shape[:2]
+    x = x + self.attn.o_proj(attn_out.reshape(b, t, -1))
+    return x + self.mlp(self.post_attn_norm(x))
+
+  def __call__(self, x: jax.Array, seq: Sequence) -> tuple[jax.Array, Routing | None]:
+    """The training path: documents and active tokens packed in one sequence (SPEC §4)."""
+    h, q, k, v = self.pre(x, seq.positions)
     keys, values, mask, routed = k, v, seq.token_mask, None
     if self.is_router:
       routed, (mem_k, mem_v, mem_mask) = self._memory(h, q, k, v, seq)
       keys = jnp.concatenate([mem_k, k], axis=1)
       values = jnp.concatenate([mem_v, v], axis=1)
       mask = jnp.concatenate([mem_mask, mask], axis=2)
-    out = attention.attend(q, keys, values, mask)
-    b, t = x.shape[:2]
-    x = x + self.attn.o_proj(out.reshape(b, t, -1))
-    x = x + self.mlp(self.post_attn_norm(x))
-    return x, routed
+    return self.post(x, attention.attend(q, keys, values, mask)), routed
 
   def _memory(self, h, q, k, v, seq: Sequence):
     """Pooled K/V of every chunk, routing, and the mask that admits the selected chunks."""
