@@ -1,0 +1,195 @@
+"""Stage 1: encode documents (and an optional template prefix) into memory (SPEC §8.1).
+
+Each document passes through the layers alone — document tokens only ever attend within their
+own document (SPEC §4) — at positions 0..n-1. At every router layer its keys (after k_norm and
+RoPE), values and routing keys are chunk-mean pooled. Layers above the last router layer are
+never needed and are not run.
+
+Documents are bucketed by length (bucket = next power of two, at least P) and batched to a token
+budget, with short batches padded by empty rows, so jit compiles one shape per bucket.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from msa_jax.math import attention, norms, pooling
+from msa_jax.memory.bank import EncodedDocs, Template
+from msa_jax.nn.model import MSAForCausalLM
+
+
+class EncodeError(ValueError):
+  """Documents that cannot be encoded (empty, too long, wrong dtype)."""
+
+
+def _causal_valid_mask(lengths: jax.Array, length: int) -> jax.Array:
+  """[b, L, L]: causal within each row's first `lengths[b]` tokens."""
+  idx = jnp.arange(length)
+  valid = idx[None, :] < lengths[:, None]  # b L
+  causal = idx[None, :, None] >= idx[None, None, :]
+  return causal & valid[:, :, None] & valid[:, None, :]
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _encode_batch(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array,
+                  lengths: jax.Array) -> dict[int, tuple[jax.Array, jax.Array, jax.Array]]:
+  """tokens [b, L] (L a multiple of P), lengths [b] -> per router layer (K̄, V̄, K̄ᴿ) [b, C, K, H]."""
+  model: MSAForCausalLM = nnx.merge(graphdef, state)
+  cfg = model.cfg
+  m = cfg.msa
+  b, length = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(length), (b, length))
+  mask = _causal_valid_mask(lengths, length)
+  x = model.embed(jnp.maximum(tokens, 0))
+  out = {}
+  last = max(m.router_layers)
+  for i, layer in enumerate(model.layers):
+    if i > last:
+      break
+    h, q, k, v = layer.pre(x, positions)
+    if layer.is_router:
+      pk, _ = pooling.chunk_mean(k, lengths, m.pooling_size)
+      pv, _ = pooling.chunk_mean(v, lengths, m.pooling_size)
+      _, rk = layer.attn.routing_qk(h, q, k)
+      prk, _ = pooling.chunk_mean(rk, lengths, m.pooling_size)
+      if m.routing_score.normalize:
+        prk = norms.l2_normalize(prk)
+      out[i] = (pk, pv, prk)
+    if i < last:
+      x = layer.post(x, attention.attend(q, k, v, mask))
+  return out
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _encode_template(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array):
+  """tokens [t] -> per layer (k, v) [t, K, H]: causal self-attention at positions 0..t-1."""
+  model: MSAForCausalLM = nnx.merge(graphdef, state)
+  t = tokens.shape[0]
+  positions = jnp.arange(t)[None]
+  mask = _causal_valid_mask(jnp.array([t]), t)
+  x = model.embed(tokens[None])
+  out = {}
+  for i, layer in enumerate(model.layers):
+    _, q, k, v = layer.pre(x, positions)
+    out[i] = (k[0], v[0])
+    x = layer.post(x, attention.attend(q, k, v, mask))
+  return out
+
+
+def bucket_length(n: int, pooling_size: int) -> int:
+  """Padded length for a document of n tokens: the next power of two, at least P, a multiple of P."""
+  b = max(pooling_size, 1 << max(0, int(n - 1).bit_length()))
+  return -(-b // pooling_size) * pooling_size
+
+
+def _batches(lengths: np.ndarray, pooling_size: int, batch_tokens: int
+             ) -> Iterator[tuple[int, np.ndarray, int]]:
+  """(bucket length, document rows, rows per batch), longest buckets first."""
+  buckets: dict[int, list[int]] = {}
+  for i, n in enumerate(lengths):
+    buckets.setdefault(bucket_length(int(n), pooling_size), []).append(i)
+  for length in sorted(buckets, reverse=True):
+    rows = np.asarray(buckets[length])
+    per_batch = max(1, batch_tokens // length)
+    for s in range(0, rows.size, per_batch):
+      yield length, rows[s:s + per_batch], per_batch
+
+
+def check_documents(tokens: np.ndarray, lengths: np.ndarray, vocab_size: int) -> None:
+  if tokens.ndim != 2 or lengths.shape != tokens.shape[:1]:
+    raise EncodeError(f"documents must be tokens [M, Lmax] with lengths [M]; got {tokens.shape} "
+                      f"and {lengths.shape}")
+  if not (np.issubdtype(tokens.dtype, np.integer) and np.issubdtype(lengths.dtype, np.integer)):
+    raise EncodeError(f"tokens and lengths must be integers, got {tokens.dtype}, {lengths.dtype}")
+  empty = np.flatnonzero(lengths < 1)
+  if empty.size:
+    raise EncodeError(f"documents {empty[:10].tolist()} are empty (length < 1)")
+  if np.any(lengths > tokens.shape[1]):
+    raise EncodeError(f"a length exceeds the token array width {tokens.shape[1]}")
+  live = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
+  bad = live & ((tokens < 0) | (tokens >= vocab_size))
+  if bad.any():
+    row = int(np.flatnonzero(bad.any(1))[0])
+    raise EncodeError(f"document {row} has token ids outside 0..{vocab_size - 1}")
+
+
+def encode_documents(model: MSAForCausalLM, tokens: np.ndarray, lengths: np.ndarray, *,
+                     dtype=np.float32, batch_tokens: int = 8192,
+                     progress: Callable[[int, int], None] | None = None) -> EncodedDocs:
+  """Encodes documents (tokens [M, Lmax] padded with anything, lengths [M]) in document order.
+
+  Returns per router layer K̄, V̄, K̄ᴿ with the chunks of all documents concatenated in order.
+  `progress(done_docs, done_tokens)` is called after every batch.
+  """
+  cfg = model.cfg
+  m = cfg.msa
+  tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+  check_documents(tokens, lengths, cfg.vocab_size)
+  if not m.router_layers:
+    raise EncodeError("the model has no router layers: there is no memory to encode")
+  graphdef, state = nnx.split(model)
+  counts = -(-lengths.astype(np.int64) // m.pooling_size)
+  offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+  total = int(offsets[-1])
+  shape = (total, cfg.num_kv_heads, cfg.head_dim)
+  result = {l: tuple(np.empty(shape, dtype) for _ in range(3)) for l in m.router_layers}
+  done_docs = done_tokens = 0
+  for length, rows, per_batch in _batches(lengths, m.pooling_size, batch_tokens):
+    batch = np.zeros((per_batch, length), np.int32)
+    blen = np.zeros((per_batch,), np.int32)
+    for j, r in enumerate(rows):
+      n = int(lengths[r])
+      batch[j, :n] = tokens[r, :n]
+      blen[j] = n
+    pooled = jax.device_get(_encode_batch(graphdef, state, batch, blen))
+    for l, arrays in pooled.items():
+      for dest, src in zip(result[l], arrays):
+        for j, r in enumerate(rows):
+          dest[offsets[r]:offsets[r + 1]] = src[j, :counts[r]]
+    done_docs += rows.size
+    done_tokens += int(lengths[rows].sum())
+    if progress is not None:
+      progress(done_docs, done_tokens)
+  return EncodedDocs(lengths=lengths.astype(np.int64),
+                     keys={l: a[0] for l, a in result.items()},
+                     values={l: a[1] for l, a in result.items()},
+                     routing_keys={l: a[2] for l, a in result.items()})
+
+
+def encode_template(model: MSAForCausalLM, tokens: np.ndarray, dtype=np.float32) -> Template:
+  """The template prefix's K/V for every layer (positions 0..t-1)."""
+  tokens = np.asarray(tokens)
+  if tokens.ndim != 1 or tokens.size < 1:
+    raise EncodeError(f"a template is a non-empty 1-D token array, got shape {tokens.shape}")
+  graphdef, state = nnx.split(model)
+  kv = jax.device_get(_encode_template(graphdef, state, tokens.astype(np.int32)))
+  return Template(tokens=tokens.astype(np.int64),
+                  keys={l: np.asarray(k, dtype) for l, (k, _) in kv.items()},
+                  values={l: np.asarray(v, dtype) for l, (_, v) in kv.items()})
+
+
+class Progress:
+  """Progress line for long encodes: documents, tokens, tokens/s, ETA (at most every `every_s`)."""
+
+  def __init__(self, total_docs: int, total_tokens: int, *, every_s: float = 5.0, out=None):
+    import sys
+    self.total_docs, self.total_tokens = total_docs, total_tokens
+    self.start = self.last = time.perf_counter()
+    self.every_s, self.out = every_s, out or sys.stderr
+
+  def __call__(self, docs: int, tokens: int) -> None:
+    now = time.perf_counter()
+    if now - self.last < self.every_s and docs < self.total_docs:
+      return
+    self.last = now
+    rate = tokens / max(now - self.start, 1e-9)
+    eta = (self.total_tokens - tokens) / max(rate, 1e-9)
+    print(f"encoded {docs}/{self.total_docs} documents, {tokens}/{self.total_tokens} tokens, "
+          f"{rate:,.0f} tokens/s, ETA {eta:,.0f} s", file=self.out, flush=True)
