@@ -151,12 +151,14 @@ class MSAForCausalLM(nnx.Module):
       x, r = layer(x, seq)
       if r is not None:
         routed[i] = r
+    return self.final_logits(x), routed
+
+  def final_logits(self, x: jax.Array) -> jax.Array:
+    """Final RMSNorm, then lm_head (or the tied embedding): [..., D] -> [..., V] float32."""
     x = self.final_norm(x)
     if self.cfg.tie_word_embeddings:
-      logits = self.embed.attend(x)
-    else:
-      logits = jnp.dot(x, self.lm_head.kernel[...], preferred_element_type=jnp.float32)
-    return logits.astype(jnp.float32), routed
+      return self.embed.attend(x).astype(jnp.float32)
+    return jnp.dot(x, self.lm_head.kernel[...], preferred_element_type=jnp.float32)
 
 
 def build_sequence(doc_ids: jax.Array, attention_mask: jax.Array, position_ids: jax.Array, *,

@@ -1,0 +1,190 @@
+"""Stage 2: route and prefill a batch of requests against a memory bank (SPEC §8.2).
+
+Every layer runs the request tokens; at a router layer the request's role-0 tokens score every
+chunk of the bank, the top-k documents are selected, only their K̄/V̄ chunks are fetched, and the
+request attends over `[template ; selected chunks ; request]` with every request token seeing the
+whole prefix (bottom-right aligned causal mask). Non-router layers attend over
+`[template ; request]`. The per-layer K/V become the decode cache (stage 3), with room for
+`max_new_tokens` more tokens. Selection is made once here and stays frozen while decoding.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from msa_jax.math import attention, norms, roles, routing
+from msa_jax.memory.bank import MemoryBank, Template
+from msa_jax.memory.index import ContentSource, RoutingIndex
+from msa_jax.nn.model import MSAForCausalLM
+
+
+class RequestError(ValueError):
+  """A request batch that violates the SPEC §13 conventions for stage 2."""
+
+
+@struct.dataclass
+class Request:
+  """Request tokens [B, T] (left or right padded): roles 0 (routes), -1, -2; no documents."""
+
+  input_ids: jax.Array
+  doc_ids: jax.Array
+  attention_mask: jax.Array
+  position_ids: jax.Array
+
+  @classmethod
+  def from_arrays(cls, arrays) -> "Request":
+    names = ("input_ids", "doc_ids", "attention_mask", "position_ids")
+    missing = [n for n in names if n not in arrays]
+    if missing:
+      raise RequestError(f"request lacks arrays {missing}")
+    a = {n: np.asarray(arrays[n]) for n in names}
+    shape = a["input_ids"].shape
+    if len(shape) != 2:
+      raise RequestError(f"input_ids must be [B, T], got shape {shape}")
+    for n, v in a.items():
+      if v.shape != shape:
+        raise RequestError(f"{n} has shape {v.shape}, expected {shape}")
+      if not np.issubdtype(v.dtype, np.integer):
+        raise RequestError(f"{n} must be an integer array, got dtype {v.dtype}")
+    valid = a["attention_mask"].astype(bool)
+    bad = valid & ((a["doc_ids"] >= roles.FIRST_DOC) | (a["doc_ids"] < roles.TEMPLATE))
+    if bad.any():
+      raise RequestError("request doc_ids must be roles 0, -1 or -2 (documents live in the bank)")
+    if not valid.any(axis=1).all():
+      raise RequestError(f"rows {np.flatnonzero(~valid.any(1)).tolist()} have no valid token")
+    return cls(**{n: jnp.asarray(v.astype(np.int32)) for n, v in a.items()})
+
+
+@struct.dataclass
+class TemplateKV:
+  """Device copy of the template's per-layer K/V: keys[l], values[l] [t, K, H] (t may be 0)."""
+
+  keys: tuple[jax.Array, ...]
+  values: tuple[jax.Array, ...]
+
+  @classmethod
+  def from_template(cls, template: Template | None, model: MSAForCausalLM, dtype=jnp.float32):
+    cfg = model.cfg
+    if template is None:
+      empty = jnp.zeros((0, cfg.num_kv_heads, cfg.head_dim), dtype)
+      return cls(keys=(empty,) * cfg.num_layers, values=(empty,) * cfg.num_layers)
+    return cls(keys=tuple(jnp.asarray(template.keys[l], dtype) for l in range(cfg.num_layers)),
+               values=tuple(jnp.asarray(template.values[l], dtype) for l in range(cfg.num_layers)))
+
+
+@struct.dataclass
+class LayerCache:
+  """One layer's decode cache: keys, values [B, S, K, H], mask [B, S]; `length` slots used."""
+
+  keys: jax.Array
+  values: jax.Array
+  mask: jax.Array
+  length: jax.Array  # int32 scalar: index of the next free slot
+
+
+@struct.dataclass
+class DecodeState:
+  """Everything stage 3 needs: per-layer caches, the next position per row, the last logits."""
+
+  caches: tuple[LayerCache, ...]
+  next_position: jax.Array  # [B] int32
+  last_logits: jax.Array  # [B, V] float32
+
+
+@struct.dataclass
+class Routed:
+  """A router layer's choice per request: bank rows and stable ids [B, k] (-1 padded), scores."""
+
+  rows: jax.Array
+  doc_ids: jax.Array
+  scores: jax.Array  # [B, k], -inf where none
+  doc_scores: jax.Array  # [B, M] per bank row, -inf for deleted rows
+
+
+@struct.dataclass
+class PrefillOutput:
+  logits: jax.Array  # [B, T, V]
+  routed: dict[int, Routed]
+
+
+def route_bank(q: jax.Array, query_mask: jax.Array, routing_keys: jax.Array, index: RoutingIndex,
+               k: int, cfg) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Scores every bank chunk for each request and picks the top-k live rows.
+
+  q [B, T, N, H] routing queries (normalised as the score needs), routing_keys [C, K, H].
+  Returns (rows [B, k] -1 padded, their scores [B, k], per-row scores [B, M]).
+  """
+  m = cfg.msa
+  keys = jnp.broadcast_to(routing_keys[None], (q.shape[0],) + routing_keys.shape)
+  chunk_valid = index.live[index.chunk_row][None]
+  cs = routing.chunk_scores(q, query_mask, keys, chunk_valid, scale=m.routing_score.scale(cfg.head_dim),
+                            head_reduce=m.head_reduce, query_reduce=m.query_reduce)
+  chunk_doc = jnp.broadcast_to(index.chunk_row[None] + 1, cs.shape)  # 0 is reserved for "none"
+  ds = routing.doc_scores(cs, chunk_doc, index.num_docs + 1, m.chunk_reduce)
+  ids, scores = routing.select_top_k(ds, k)
+  rows = jnp.where(ids > 0, ids - 1, -1)
+  return rows, scores, ds[:, 1:]
+
+
+def route_and_prefill(graphdef: nnx.GraphDef, state: nnx.State, index: RoutingIndex,
+                      content: ContentSource, doc_ids: jax.Array, template: TemplateKV,
+                      request: Request, max_new_tokens: int) -> tuple[PrefillOutput, DecodeState]:
+  """Stage 2 as one pure function (jit it with `max_new_tokens` static; see `prefill_jit`).
+
+  doc_ids [M]: stable id of each bank row (to report selections by id).
+  """
+  model: MSAForCausalLM = nnx.merge(graphdef, state)
+  cfg = model.cfg
+  b, t = request.input_ids.shape
+  valid = request.attention_mask.astype(bool)
+  query_mask = valid & (request.doc_ids == roles.QUERY)
+  self_mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, :, None] & valid[:, None, :]
+  x = model.embed(request.input_ids)
+  caches, routed = [], {}
+  for i, layer in enumerate(model.layers):
+    h, q, k, v = layer.pre(x, request.position_ids)
+    tk = jnp.broadcast_to(template.keys[i][None], (b,) + template.keys[i].shape).astype(k.dtype)
+    tv = jnp.broadcast_to(template.values[i][None], (b,) + template.values[i].shape).astype(v.dtype)
+    parts_k, parts_v = [tk], [tv]
+    parts_m = [jnp.ones((b, tk.shape[1]), bool)]
+    if layer.is_router:
+      rq, _ = layer.attn.routing_qk(h, q, k)
+      if cfg.msa.routing_score.normalize:
+        rq = norms.l2_normalize(rq)
+      rows, scores, ds = route_bank(rq, query_mask, index.routing_keys[i], index,
+                                    cfg.msa.top_k_docs, cfg)
+      routed[i] = Routed(rows=rows, doc_ids=jnp.where(rows >= 0, doc_ids[jnp.maximum(rows, 0)], -1),
+                         scores=scores, doc_scores=ds)
+      mk, mv, mm = content.gather(i, rows, index)
+      parts_k.append(mk.astype(k.dtype))
+      parts_v.append(mv.astype(v.dtype))
+      parts_m.append(mm)
+    prefix_k = jnp.concatenate(parts_k, axis=1)
+    prefix_v = jnp.concatenate(parts_v, axis=1)
+    prefix_m = jnp.concatenate(parts_m, axis=1)  # B P
+    mask = jnp.concatenate(
+        [jnp.broadcast_to(prefix_m[:, None, :], (b, t, prefix_m.shape[1])) & valid[:, :, None],
+         self_mask], axis=2)
+    keys = jnp.concatenate([prefix_k, k], axis=1)
+    values = jnp.concatenate([prefix_v, v], axis=1)
+    x = layer.post(x, attention.attend(q, keys, values, mask))
+    room = max_new_tokens
+    caches.append(LayerCache(
+        keys=jnp.pad(keys, [(0, 0), (0, room), (0, 0), (0, 0)]),
+        values=jnp.pad(values, [(0, 0), (0, room), (0, 0), (0, 0)]),
+        mask=jnp.pad(jnp.concatenate([prefix_m, valid], axis=1), [(0, 0), (0, room)]),
+        length=jnp.asarray(keys.shape[1], jnp.int32)))
+  logits = model.final_logits(x)
+  last = jnp.max(jnp.where(valid, jnp.arange(t), -1), axis=1)  # B: last valid token
+  last_pos = jnp.take_along_axis(request.position_ids, last[:, None], axis=1)[:, 0]
+  last_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+  state_out = DecodeState(caches=tuple(caches), next_position=last_pos + 1, last_logits=last_logits)
+  return PrefillOutput(logits=logits, routed=routed), state_out
+
+
+prefill_jit = jax.jit(route_and_prefill, static_argnums=(0,), static_argnames=("max_new_tokens",))
