@@ -181,6 +181,33 @@ _MSA_KEYS = frozenset({
 
 _AUX_LOSS_METHODS = ("INFONCE", "INFONCE_DECOUPLE")
 
+# transformers >= 5 writes `rope_parameters: {"rope_type": "default", "rope_theta": θ}` instead of a
+# top-level rope_theta; only the default (unscaled) RoPE is this architecture.
+_ROPE_PARAMETER_KEYS = frozenset({"rope_type", "rope_theta"})
+
+
+def _rope_theta_from_parameters(d: Mapping[str, Any]) -> float | None:
+  """rope_theta from `rope_parameters` (None when absent); checks it against a top-level rope_theta."""
+  rp = d.get("rope_parameters")
+  if rp is None:
+    return None
+  if not isinstance(rp, Mapping):
+    raise ConfigError(f"config.json rope_parameters={rp!r}: expected an object")
+  unknown = sorted(set(rp) - _ROPE_PARAMETER_KEYS)
+  if unknown:
+    raise ConfigError(f"unknown rope_parameters keys {unknown}; known keys are "
+                      f"{sorted(_ROPE_PARAMETER_KEYS)}")
+  if rp.get("rope_type", "default") != "default":
+    raise ConfigError(f"config.json rope_parameters.rope_type={rp['rope_type']!r} is not "
+                      "supported (expected 'default')")
+  if "rope_theta" not in rp:
+    raise ConfigError("config.json rope_parameters lacks rope_theta")
+  theta = float(rp["rope_theta"])
+  if "rope_theta" in d and float(d["rope_theta"]) != theta:
+    raise ConfigError(f"config.json rope_theta={d['rope_theta']!r} contradicts "
+                      f"rope_parameters.rope_theta={rp['rope_theta']!r}")
+  return theta
+
 
 def _parse_router_layers(value: Any, num_layers: int) -> tuple[int, ...]:
   if value == "all":
@@ -259,18 +286,23 @@ def from_hf_dict(d: Mapping[str, Any], *, msa: MSAConfig | None = None) -> Model
   model_type = d.get("model_type")
   if model_type not in ("msa", "qwen3"):
     raise ConfigError(f"model_type={model_type!r}: expected 'msa' or 'qwen3'")
-  known = set(_HF_FIELDS) | _HF_IGNORED | set(_HF_REQUIRED_VALUES) | {"msa_config"}
+  known = set(_HF_FIELDS) | _HF_IGNORED | set(_HF_REQUIRED_VALUES) | {"msa_config",
+                                                                      "rope_parameters"}
   unknown = sorted(set(d) - known)
   if unknown:
     raise ConfigError(f"unknown config.json keys {unknown}")
   for key, want in _HF_REQUIRED_VALUES.items():
     if key in d and d[key] != want:
       raise ConfigError(f"config.json {key}={d[key]!r} is not supported (expected {want!r})")
+  rope_theta = _rope_theta_from_parameters(d)
   missing = [k for k in _HF_FIELDS if k not in d and k not in ("head_dim", "tie_word_embeddings",
-                                                             "max_position_embeddings")]
+                                                             "max_position_embeddings")
+             and not (k == "rope_theta" and rope_theta is not None)]
   if missing:
     raise ConfigError(f"config.json lacks required keys {missing}")
   kw = {ours: d[theirs] for theirs, ours in _HF_FIELDS.items() if theirs in d}
+  if rope_theta is not None:
+    kw["rope_theta"] = rope_theta
   kw.setdefault("head_dim", d["hidden_size"] // d["num_attention_heads"])
   kw.setdefault("tie_word_embeddings", False)
   for k in ("rms_norm_eps", "rope_theta"):

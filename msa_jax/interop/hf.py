@@ -3,6 +3,12 @@
 A checkpoint directory holds `config.json` and one or more `*.safetensors` files (a sharded
 checkpoint has `model.safetensors.index.json`). Torch Linear weights [out, in] become Flax
 kernels [in, out] by a transpose, which is exact, so import∘export is the identity on bytes.
+Tensors keep their stored dtype (float32, bfloat16 or float16; bfloat16 via ml_dtypes), so torch
+is never needed.
+
+Two config.json flavours are read and written: the official MSA one (`model_type: "msa"` with an
+`msa_config`) and a plain Qwen3 one (`model_type: "qwen3"`, what transformers' `Qwen3ForCausalLM`
+loads), for a dense model without router layers.
 """
 
 from __future__ import annotations
@@ -10,8 +16,9 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import tempfile
-from typing import Any, Iterator
+import stat
+import uuid
+from typing import Any, Callable, Iterator, Literal
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +30,15 @@ from safetensors.numpy import load_file, save_file
 
 from msa_jax import config as config_lib
 from msa_jax.config import ModelConfig
+from msa_jax.nn.layers import Linear
 from msa_jax.nn.model import MSAForCausalLM
 
 Params = dict[str, Any]
+ModelType = Literal["msa", "qwen3"]
+
+# Dtypes a checkpoint tensor may have (jax would silently narrow 64-bit ones).
+_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))
+_WEIGHTS = "model.safetensors"
 
 
 class CheckpointError(ValueError):
@@ -54,8 +67,8 @@ def _tensor_map(cfg: ModelConfig) -> Iterator[tuple[str, tuple, bool]]:
       yield p + f"mlp.{name}.weight", ("layers", i, "mlp", name, "kernel"), True
 
 
-# Tensors that a plain Qwen3 checkpoint lacks; msa-jax initialises them.
-def _optional(key: str) -> bool:
+# Tensors that a plain Qwen3 checkpoint lacks; msa-jax initialises them. An MSA checkpoint has them.
+def _msa_only(key: str) -> bool:
   return key == "temperature" or ".router_" in key
 
 
@@ -77,15 +90,36 @@ def init_params(cfg: ModelConfig, seed: int = 0) -> Params:
   return nnx.to_pure_dict(nnx.state(model))
 
 
-def read_config(ckpt_dir: str | os.PathLike, **kw) -> ModelConfig:
-  path = pathlib.Path(ckpt_dir) / "config.json"
+def abstract_params(cfg: ModelConfig) -> Params:
+  """The params tree of `cfg` with jax.ShapeDtypeStruct leaves (nothing is allocated)."""
+  model = nnx.eval_shape(lambda: MSAForCausalLM(cfg, rngs=nnx.Rngs(0)))
+  return nnx.to_pure_dict(nnx.state(model))
+
+
+def _read_config_dict(ckpt_dir: pathlib.Path) -> dict[str, Any]:
+  path = ckpt_dir / "config.json"
   if not path.is_file():
     raise CheckpointError(f"{path} does not exist")
   try:
     d = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-  return config_lib.from_hf_dict(d, **kw)
+  if not isinstance(d, dict):
+    raise CheckpointError(f"{path} must hold a JSON object, got {type(d).__name__}")
+  return d
+
+
+def _config_from_dict(ckpt_dir: pathlib.Path, d: dict[str, Any], **kw) -> ModelConfig:
+  try:
+    return config_lib.from_hf_dict(d, **kw)
+  except config_lib.ConfigError as e:
+    raise config_lib.ConfigError(f"{ckpt_dir / 'config.json'}: {e}") from None
+
+
+def read_config(ckpt_dir: str | os.PathLike, **kw) -> ModelConfig:
+  """The ModelConfig of a checkpoint's config.json (`msa=` as in `config.from_hf_dict`)."""
+  ckpt_dir = pathlib.Path(ckpt_dir)
+  return _config_from_dict(ckpt_dir, _read_config_dict(ckpt_dir), **kw)
 
 
 def _read_tensors(ckpt_dir: pathlib.Path) -> dict[str, np.ndarray]:
@@ -101,6 +135,10 @@ def _read_tensors(ckpt_dir: pathlib.Path) -> dict[str, np.ndarray]:
     dup = set(part) & set(tensors)
     if dup:
       raise CheckpointError(f"tensors {sorted(dup)[:3]} appear in more than one file")
+    bad = {k: str(v.dtype) for k, v in part.items() if v.dtype not in _DTYPES}
+    if bad:
+      raise CheckpointError(f"{f}: unsupported tensor dtypes {dict(sorted(bad.items())[:3])}; "
+                            f"expected one of {[str(d) for d in _DTYPES]}")
     tensors.update(part)
   return tensors
 
@@ -109,15 +147,19 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, *, msa: config_lib.MSAConfig | 
                     seed: int = 0) -> tuple[ModelConfig, Params]:
   """Reads an official MSA or plain Qwen3 HF checkpoint: (config, params as a nested dict).
 
-  Tensors keep their stored dtype. Missing router projections (a plain Qwen3 checkpoint) are
-  initialised from `seed`; any other missing, unexpected or mis-shaped tensor is an error.
+  Tensors keep their stored dtype. A plain Qwen3 checkpoint (`model_type: "qwen3"`) may be given
+  router layers with `msa=MSAConfig(router_layers=...)`; its router projections are then
+  initialised from `seed` (in the dtype of the stored embedding) and `temperature` from the
+  config. Any other missing, unexpected or mis-shaped tensor is an error.
   """
   ckpt_dir = pathlib.Path(ckpt_dir)
-  cfg = read_config(ckpt_dir, msa=msa)
+  d = _read_config_dict(ckpt_dir)
+  cfg = _config_from_dict(ckpt_dir, d, msa=msa)
   tensors = _read_tensors(ckpt_dir)
-  params = init_params(cfg, seed)
+  params = abstract_params(cfg)
   expected = list(_tensor_map(cfg))
-  missing = [k for k, _, _ in expected if k not in tensors and not _optional(k)]
+  plain = d["model_type"] == "qwen3"
+  missing = [k for k, _, _ in expected if k not in tensors and not (plain and _msa_only(k))]
   if missing:
     raise CheckpointError(f"{ckpt_dir}: missing tensors {missing[:5]}"
                           + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
@@ -134,31 +176,107 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, *, msa: config_lib.MSAConfig | 
       raise CheckpointError(f"{ckpt_dir}: tensor {key} has shape {value.shape}, expected "
                             f"{want[::-1] if transpose else want} for this config.json")
     _set(params, path, jnp.asarray(value.T if transpose else value))
+  if "temperature" not in tensors:  # a plain Qwen3 checkpoint
+    params["temperature"] = jnp.asarray(cfg.msa.aux_temperature, jnp.float32)
+  # A plain Qwen3 checkpoint given router layers: new router projections, initialised as the
+  # model initialises a Linear, from a key per (seed, layer, projection).
+  dtype = tensors["model.embed_tokens.weight"].dtype
+  for key, path, _ in expected:
+    if key not in tensors and key != "temperature":
+      d_in, d_out = _get(params, path).shape
+      layer, name = path[1], path[3]  # ("layers", i, "attn", name, "kernel")
+      rng = jax.random.fold_in(jax.random.key(seed), layer * 2 + (name == "router_k_proj"))
+      kernel = Linear(d_in, d_out, rngs=nnx.Rngs(params=rng)).kernel[...]
+      _set(params, path, kernel.astype(dtype))
   return cfg, params
 
 
-def save_checkpoint(ckpt_dir: str | os.PathLike, cfg: ModelConfig, params: Params) -> None:
-  """Writes the official HF layout (config.json + model.safetensors), atomically per file."""
+def hf_config_dict(cfg: ModelConfig, model_type: ModelType = "msa", *,
+                   dtype: str = "float32") -> dict[str, Any]:
+  """The config.json that `save_checkpoint` writes.
+
+  "msa": the official MSA config (`config.to_hf_dict`). "qwen3": a plain Qwen3 config that
+  transformers' `Qwen3ForCausalLM.from_pretrained` loads (4.x and 5.x); only for a dense model
+  (no router layers), and the MSA settings, which do not change a dense model, are not written.
+  """
+  if model_type == "msa":
+    d = config_lib.to_hf_dict(cfg)
+  elif model_type == "qwen3":
+    if cfg.msa.router_layers:
+      raise CheckpointError(
+          f"model_type='qwen3' cannot hold router layers {cfg.msa.router_layers}; export with "
+          "model_type='msa' (or drop the router layers: cfg.replace(msa=MSAConfig()))")
+    d = config_lib.to_hf_dict(cfg.replace(msa=config_lib.MSAConfig()))
+    del d["msa_config"]
+    # transformers 5 validates sliding_window as int | None; use_sliding_window=False disables it.
+    d.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", sliding_window=None)
+  else:
+    raise ValueError(f"model_type={model_type!r}: expected 'msa' or 'qwen3'")
+  d["torch_dtype"] = dtype
+  return d
+
+
+def save_checkpoint(ckpt_dir: str | os.PathLike, cfg: ModelConfig, params: Params, *,
+                    model_type: ModelType = "msa") -> None:
+  """Writes the HF layout (config.json + model.safetensors); `model_type` as in `hf_config_dict`.
+
+  "qwen3" writes no `temperature` tensor (a plain Qwen3 checkpoint has none). Both files are
+  staged as temporary files and only then renamed over any previous ones, so a failed export
+  leaves a previous checkpoint intact and no temporary file behind. A directory holding other
+  safetensors files (e.g. shards of a sharded checkpoint) is refused: they would be read together
+  with the new weights.
+  """
   ckpt_dir = pathlib.Path(ckpt_dir)
-  ckpt_dir.mkdir(parents=True, exist_ok=True)
   tensors = {}
   for key, path, transpose in _tensor_map(cfg):
-    value = np.asarray(_get(params, path))
-    tensors[key] = np.ascontiguousarray(value.T if transpose else value)
-  _atomic_write(ckpt_dir / "model.safetensors",
-                lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-  text = json.dumps(config_lib.to_hf_dict(cfg), indent=2, sort_keys=True) + "\n"
-  _atomic_write(ckpt_dir / "config.json", lambda p: pathlib.Path(p).write_text(text))
+    if model_type == "qwen3" and _msa_only(key):
+      continue
+    try:
+      value = np.asarray(_get(params, path))
+    except (KeyError, IndexError, TypeError):
+      raise CheckpointError(f"params lack {'/'.join(map(str, path))}, which this config needs "
+                            f"(for {key})") from None
+    # np.require keeps 0-d tensors 0-d (np.ascontiguousarray would make `temperature` [1]).
+    tensors[key] = np.require(value.T if transpose else value, requirements="C")
+  d = hf_config_dict(cfg, model_type, dtype=str(tensors["model.embed_tokens.weight"].dtype))
+  text = json.dumps(d, indent=2, sort_keys=True) + "\n"
+  ckpt_dir.mkdir(parents=True, exist_ok=True)
+  stale = sorted(p.name for p in ckpt_dir.iterdir() if p.name != _WEIGHTS and (
+      p.name.endswith(".safetensors") or p.name.endswith(".safetensors.index.json")))
+  if stale:
+    raise CheckpointError(f"{ckpt_dir} holds other safetensors files {stale[:3]} that would be "
+                          f"read together with the new {_WEIGHTS}; remove them or pick another "
+                          "directory")
+  _atomic_write_all(ckpt_dir, {
+      _WEIGHTS: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
+      "config.json": lambda p: pathlib.Path(p).write_text(text),
+  })
 
 
-def _atomic_write(dest: pathlib.Path, write) -> None:
-  fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-  os.close(fd)
+def _atomic_write_all(directory: pathlib.Path, writers: dict[str, Callable[[str], Any]]) -> None:
+  """Writes every file to a temporary name first, then renames them all into place.
+
+  Files get the ordinary permissions of a new file (umask), not the 0600 that mkstemp and
+  safetensors' writer use.
+  """
+  staged: dict[str, pathlib.Path] = {}
   try:
-    write(tmp)
-    with open(tmp, "rb") as f:
-      os.fsync(f.fileno())
-    os.replace(tmp, dest)
+    for name, write in writers.items():
+      tmp = directory / f".{name}.{uuid.uuid4().hex[:12]}.tmp"
+      tmp.touch(exist_ok=False)
+      staged[name] = tmp
+      mode = stat.S_IMODE(tmp.stat().st_mode)
+      write(str(tmp))
+      os.chmod(tmp, mode)
+      with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    for name, tmp in staged.items():
+      os.replace(tmp, directory / name)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+      os.fsync(fd)  # the renames themselves
+    finally:
+      os.close(fd)
   finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    for tmp in staged.values():
+      tmp.unlink(missing_ok=True)
