@@ -57,6 +57,8 @@ def generate(graphdef: nnx.GraphDef, state: nnx.State, dstate: DecodeState, max_
   logits of feeding the previous token. Rows stop at a stop token (later entries -1); the loop
   ends when every row has stopped. The cache must have room for N - 1 tokens."""
   key = jax.random.key(0) if key is None else key
+  # Steps donate their input state; one copy up front leaves the caller's state usable.
+  dstate = jax.tree.map(jnp.copy, dstate)
   b = dstate.last_logits.shape[0]
   stop = jnp.asarray(stop_tokens if stop_tokens else [-1], jnp.int32)
   done = jnp.zeros((b,), bool)
