@@ -294,6 +294,9 @@ def from_hf_dict(d: Mapping[str, Any], *, msa: MSAConfig | None = None) -> Model
   for key, want in _HF_REQUIRED_VALUES.items():
     if key in d and d[key] != want:
       raise ConfigError(f"config.json {key}={d[key]!r} is not supported (expected {want!r})")
+  if any(t != "full_attention" for t in d.get("layer_types") or ()):
+    raise ConfigError(f"config.json layer_types={d['layer_types']!r}: only full attention layers "
+                      "are supported")
   rope_theta = _rope_theta_from_parameters(d)
   missing = [k for k in _HF_FIELDS if k not in d and k not in ("head_dim", "tie_word_embeddings",
                                                              "max_position_embeddings")

@@ -90,6 +90,7 @@ def _with(path, value):
     (("hidden_act",), "gelu", "hidden_act='gelu'"),
     (("rope_scaling",), {"type": "yarn"}, "rope_scaling"),
     (("some_new_key",), 1, "unknown config.json keys"),
+    (("layer_types",), ["full_attention", "sliding_attention"] * 2, "layer_types"),
 ])
 def test_bad_configs_fail_with_a_message_naming_the_problem(path, value, message):
   with pytest.raises(C.ConfigError, match=message):

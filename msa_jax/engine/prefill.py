@@ -131,60 +131,80 @@ def route_bank(q: jax.Array, query_mask: jax.Array, routing_keys: jax.Array, ind
   return rows, scores, ds[:, 1:]
 
 
+def _route_layer(layer, h, q, k, query_mask, index: RoutingIndex, doc_ids) -> Routed:
+  """Routing at one router layer: score every live chunk, pick the top-k bank rows."""
+  cfg = layer.cfg
+  rq, _ = layer.attn.routing_qk(h, q, k)
+  if cfg.msa.routing_score.normalize:
+    rq = norms.l2_normalize(rq)
+  rows, scores, ds = route_bank(rq, query_mask, index.routing_keys[layer.index], index,
+                                cfg.msa.top_k_docs, cfg)
+  ids = jnp.where(rows >= 0, doc_ids[jnp.maximum(rows, 0)], -1)
+  return Routed(rows=rows, doc_ids=ids, scores=scores, doc_scores=ds)
+
+
+def _attend_layer(layer, x, q, k, v, valid, tk, tv, memory, max_new_tokens: int):
+  """Attention over [template ; memory chunks (router layers) ; request] and the layer's cache.
+
+  tk, tv [t, K, H]; memory: (keys, values [B, S, K, H], mask [B, S]) or None.
+  """
+  b, t = valid.shape
+  parts_k = [jnp.broadcast_to(tk[None], (b,) + tk.shape).astype(k.dtype)]
+  parts_v = [jnp.broadcast_to(tv[None], (b,) + tv.shape).astype(v.dtype)]
+  parts_m = [jnp.ones((b, tk.shape[0]), bool)]
+  if memory is not None:
+    mk, mv, mm = memory
+    parts_k.append(mk.astype(k.dtype))
+    parts_v.append(mv.astype(v.dtype))
+    parts_m.append(mm)
+  prefix_m = jnp.concatenate(parts_m, axis=1)  # B S
+  self_mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, :, None] & valid[:, None, :]
+  # Bottom-right aligned: every valid request token sees the whole prefix.
+  mask = jnp.concatenate([prefix_m[:, None, :] & valid[:, :, None], self_mask], axis=2)
+  keys = jnp.concatenate(parts_k + [k], axis=1)
+  values = jnp.concatenate(parts_v + [v], axis=1)
+  x = layer.post(x, attention.attend(q, keys, values, mask))
+  room = [(0, 0), (0, max_new_tokens), (0, 0), (0, 0)]
+  cache = LayerCache(keys=jnp.pad(keys, room), values=jnp.pad(values, room),
+                     mask=jnp.pad(jnp.concatenate([prefix_m, valid], axis=1),
+                                  [(0, 0), (0, max_new_tokens)]),
+                     length=jnp.asarray(keys.shape[1], jnp.int32))
+  return x, cache
+
+
+def _finish(model, x, request: Request, caches, routed) -> tuple[PrefillOutput, DecodeState]:
+  logits = model.final_logits(x)
+  valid = request.attention_mask.astype(bool)
+  last = jnp.max(jnp.where(valid, jnp.arange(valid.shape[1]), -1), axis=1)  # B: last valid token
+  last_pos = jnp.take_along_axis(request.position_ids, last[:, None], axis=1)[:, 0]
+  last_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+  return (PrefillOutput(logits=logits, routed=routed),
+          DecodeState(caches=tuple(caches), next_position=last_pos + 1, last_logits=last_logits))
+
+
 def route_and_prefill(graphdef: nnx.GraphDef, state: nnx.State, index: RoutingIndex,
                       content: ContentSource, doc_ids: jax.Array, template: TemplateKV,
                       request: Request, max_new_tokens: int) -> tuple[PrefillOutput, DecodeState]:
   """Stage 2 as one pure function (jit it with `max_new_tokens` static; see `prefill_jit`).
 
-  doc_ids [M]: stable id of each bank row (to report selections by id).
+  The content of the selected documents is read inside jit through `content` (device arrays,
+  or a host callback). doc_ids [M]: the stable id of each bank row, to report selections by id.
   """
   model: MSAForCausalLM = nnx.merge(graphdef, state)
-  cfg = model.cfg
-  b, t = request.input_ids.shape
   valid = request.attention_mask.astype(bool)
   query_mask = valid & (request.doc_ids == roles.QUERY)
-  self_mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, :, None] & valid[:, None, :]
   x = model.embed(request.input_ids)
   caches, routed = [], {}
   for i, layer in enumerate(model.layers):
     h, q, k, v = layer.pre(x, request.position_ids)
-    tk = jnp.broadcast_to(template.keys[i][None], (b,) + template.keys[i].shape).astype(k.dtype)
-    tv = jnp.broadcast_to(template.values[i][None], (b,) + template.values[i].shape).astype(v.dtype)
-    parts_k, parts_v = [tk], [tv]
-    parts_m = [jnp.ones((b, tk.shape[1]), bool)]
+    memory = None
     if layer.is_router:
-      rq, _ = layer.attn.routing_qk(h, q, k)
-      if cfg.msa.routing_score.normalize:
-        rq = norms.l2_normalize(rq)
-      rows, scores, ds = route_bank(rq, query_mask, index.routing_keys[i], index,
-                                    cfg.msa.top_k_docs, cfg)
-      routed[i] = Routed(rows=rows, doc_ids=jnp.where(rows >= 0, doc_ids[jnp.maximum(rows, 0)], -1),
-                         scores=scores, doc_scores=ds)
-      mk, mv, mm = content.gather(i, rows, index)
-      parts_k.append(mk.astype(k.dtype))
-      parts_v.append(mv.astype(v.dtype))
-      parts_m.append(mm)
-    prefix_k = jnp.concatenate(parts_k, axis=1)
-    prefix_v = jnp.concatenate(parts_v, axis=1)
-    prefix_m = jnp.concatenate(parts_m, axis=1)  # B P
-    mask = jnp.concatenate(
-        [jnp.broadcast_to(prefix_m[:, None, :], (b, t, prefix_m.shape[1])) & valid[:, :, None],
-         self_mask], axis=2)
-    keys = jnp.concatenate([prefix_k, k], axis=1)
-    values = jnp.concatenate([prefix_v, v], axis=1)
-    x = layer.post(x, attention.attend(q, keys, values, mask))
-    room = max_new_tokens
-    caches.append(LayerCache(
-        keys=jnp.pad(keys, [(0, 0), (0, room), (0, 0), (0, 0)]),
-        values=jnp.pad(values, [(0, 0), (0, room), (0, 0), (0, 0)]),
-        mask=jnp.pad(jnp.concatenate([prefix_m, valid], axis=1), [(0, 0), (0, room)]),
-        length=jnp.asarray(keys.shape[1], jnp.int32)))
-  logits = model.final_logits(x)
-  last = jnp.max(jnp.where(valid, jnp.arange(t), -1), axis=1)  # B: last valid token
-  last_pos = jnp.take_along_axis(request.position_ids, last[:, None], axis=1)[:, 0]
-  last_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
-  state_out = DecodeState(caches=tuple(caches), next_position=last_pos + 1, last_logits=last_logits)
-  return PrefillOutput(logits=logits, routed=routed), state_out
+      routed[i] = _route_layer(layer, h, q, k, query_mask, index, doc_ids)
+      memory = content.gather(i, routed[i].rows, index)
+    x, cache = _attend_layer(layer, x, q, k, v, valid, template.keys[i], template.values[i],
+                             memory, max_new_tokens)
+    caches.append(cache)
+  return _finish(model, x, request, caches, routed)
 
 
 prefill_jit = jax.jit(route_and_prefill, static_argnums=(0,), static_argnames=("max_new_tokens",))

@@ -89,6 +89,7 @@ class Block(nnx.Module):
     self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
     self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, rngs=rngs)
     self.cfg = cfg
+    self.index = layer
     self.is_router = cfg.is_router_layer(layer)
 
   def pre(self, x: jax.Array, positions: jax.Array):
