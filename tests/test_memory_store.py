@@ -173,6 +173,18 @@ def test_chunk_array_and_content_reader(tmp_path):
   np.testing.assert_array_equal(dk, full[[5, 0, 1]])
 
 
+def test_save_bank_writes_live_documents(tmp_path):
+  spec = spec_for("bfloat16")
+  mem = MemoryBank.from_encoded(spec, concat(batches(spec)[:2]), np.array([7, 3, 9, 4]),
+                                template=make_template(spec))
+  mem.live[1] = False
+  assert store.save_bank(tmp_path / "bank", mem).tolist() == [7, 9, 4]
+  got = open_bank(tmp_path / "bank")
+  assert got.live.all() and live_view(got) == live_view(mem)
+  assert_banks_equal(got, open_bank(tmp_path / "bank", mmap=False))
+  assert got.template.tokens.tolist() == mem.template.tokens.tolist()
+
+
 # --- crash safety -------------------------------------------------------------------------------
 
 
