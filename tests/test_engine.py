@@ -315,3 +315,49 @@ def test_encoding_compiles_one_shape_per_length_bucket(official_inference):
   one = encode.encode_documents(model, tokens[7:8], lengths[7:8])
   off = int(np.sum(-(-lengths[:7] // 4)))
   np.testing.assert_allclose(enc.keys[2][off:off + len(one.keys[2])], one.keys[2], atol=1e-6)
+
+
+# --- the host-driven path with a device page cache ----------------------------------------------
+
+def test_paged_prefill_equals_the_single_jit_path_and_reuses_pages(official_engine):
+  from msa_jax.memory.paging import PageCache
+  engine, ref, out, _ = official_engine
+  req = jax.device_put(prefill.Request.from_arrays({k: ref["stage2_" + k] for k in REQUEST}))
+  pages = PageCache(engine.bank, slots=8)
+  paged, state = prefill.route_and_prefill_paged(engine.model, engine.index, pages, engine.ids,
+                                                 engine.tkv, req, 4)
+  np.testing.assert_allclose(paged.logits, out.logits, atol=1e-6)
+  for l in out.routed:
+    np.testing.assert_array_equal(paged.routed[l].rows, out.routed[l].rows)
+  first = pages.bytes_moved
+  layer_rows = {2: {0, 1, 4}, 3: {0, 3}}  # official selections, by layer
+  page_bytes = 2 * pages.max_chunks * 2 * 16 * 4
+  assert first == sum(map(len, layer_rows.values())) * page_bytes
+  with jax.transfer_guard("disallow"):  # the host-driven path transfers only explicitly
+    again, _ = prefill.route_and_prefill_paged(engine.model, engine.index, pages, engine.ids,
+                                               engine.tkv, req, 4)
+  assert pages.bytes_moved == first and pages.hits == pages.misses == 5  # nothing moved again
+  np.testing.assert_array_equal(again.logits, paged.logits)
+  gen = decode.generate(engine.graphdef, engine.state, state, 4)
+  np.testing.assert_array_equal(gen.tokens, ref["decode_tokens"])
+
+
+def test_page_cache_evicts_least_recently_used_pages_not_needed_now(official_engine):
+  from msa_jax.memory.paging import PageCache
+  engine = official_engine[0]
+  pages = PageCache(engine.bank, slots=3)
+  pages.fetch(2, np.array([[0, 1]]))
+  pages.fetch(2, np.array([[2, 0]]))  # 0 is fresh again; 1 is now the oldest
+  pages.fetch(2, np.array([[3, -1]]))  # evicts 1
+  assert set(pages._lru[2]) == {0, 2, 3}
+  k, v, mask = pages.fetch(2, np.array([[3, 0]]))
+  rows = [0, 3]  # ascending bank order
+  cmax = pages.max_chunks
+  for j, r in enumerate(rows):
+    n = int(engine.bank.chunk_count[r])
+    off = int(engine.bank.chunk_offset[r])
+    np.testing.assert_array_equal(np.asarray(k)[0, j * cmax:j * cmax + n],
+                                  engine.bank.keys[2][off:off + n])
+    assert np.asarray(mask)[0, j * cmax:(j + 1) * cmax].sum() == n
+  with pytest.raises(ValueError, match="needs 4 documents but the cache has 3"):
+    pages.fetch(2, np.array([[0, 1], [2, 3]]))

@@ -208,3 +208,57 @@ def route_and_prefill(graphdef: nnx.GraphDef, state: nnx.State, index: RoutingIn
 
 
 prefill_jit = jax.jit(route_and_prefill, static_argnums=(0,), static_argnames=("max_new_tokens",))
+
+
+# --- host-driven stage 2: route on device, page selected content in, continue ------------------
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _embed(graphdef, state, input_ids):
+  return nnx.merge(graphdef, state).embed(input_ids)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _pre_and_route(graphdef, state, x, request: Request, index: RoutingIndex, doc_ids):
+  layer = nnx.merge(graphdef, state)
+  h, q, k, v = layer.pre(x, request.position_ids)
+  valid = request.attention_mask.astype(bool)
+  routed = None
+  if layer.is_router:
+    routed = _route_layer(layer, h, q, k, valid & (request.doc_ids == roles.QUERY), index, doc_ids)
+  return (q, k, v), routed
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_new_tokens",))
+def _attend(graphdef, state, x, qkv, valid, tk, tv, memory, max_new_tokens):
+  return _attend_layer(nnx.merge(graphdef, state), x, *qkv, valid, tk, tv, memory, max_new_tokens)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _finish_jit(graphdef, state, x, request, caches, routed):
+  return _finish(nnx.merge(graphdef, state), x, request, caches, routed)
+
+
+def route_and_prefill_paged(model: MSAForCausalLM, index: RoutingIndex, pages, doc_ids: jax.Array,
+                            template: TemplateKV, request: Request, max_new_tokens: int
+                            ) -> tuple[PrefillOutput, DecodeState]:
+  """Stage 2 driven from the host: identical results to `route_and_prefill`.
+
+  At each router layer the selection comes back to the host (one small explicit transfer), the
+  `PageCache` moves only the missing documents' blocks to the device, and the layer continues
+  on device. Layers are jitted one at a time (one compile per distinct layer structure).
+  """
+  graphdef, state = nnx.split(model)
+  parts = [nnx.split(layer) for layer in model.layers]
+  valid = request.attention_mask.astype(bool)
+  x = _embed(graphdef, state, request.input_ids)
+  caches, routed = [], {}
+  for i, (g, s) in enumerate(parts):
+    qkv, r = _pre_and_route(g, s, x, request, index, doc_ids)
+    memory = None
+    if r is not None:
+      routed[i] = r
+      memory = pages.fetch(i, jax.device_get(r.rows))
+    x, cache = _attend(g, s, x, qkv, valid, template.keys[i], template.values[i], memory,
+                       max_new_tokens=max_new_tokens)
+    caches.append(cache)
+  return _finish_jit(graphdef, state, x, request, caches, routed)
