@@ -1,6 +1,8 @@
 """`msa-jax` command-line tool.
 
   msa-jax forward --checkpoint DIR --batch IN.npz --output OUT.npz [--reference REF.npz]
+  msa-jax encode --checkpoint DIR --documents DOCS.npz|DOCS.jsonl --bank DIR
+  msa-jax generate --checkpoint DIR --bank DIR --batch Q.npz --max-new-tokens N --output OUT.npz
 
 runs the training-path forward in float32 on a SPEC §13 batch and writes `logits`,
 `doc_scores_L{l}`, `selected_docs_L{l}` (and the losses when the batch has labels). With
@@ -114,6 +116,94 @@ def _cmd_forward(args) -> int:
   return 0
 
 
+def _load_model(checkpoint: str):
+  from msa_jax.interop import hf
+  from msa_jax.nn.model import from_params
+  cfg, params = hf.load_checkpoint(checkpoint)
+  return from_params(cfg, _to_float32(params))
+
+
+def _read_documents(path: str, tokenizer: str | None, vocab_size: int):
+  """(tokens [M, Lmax] -1 padded, lengths [M], template or None) from .npz or JSONL text."""
+  p = pathlib.Path(path)
+  if p.suffix == ".npz":
+    with np.load(p, allow_pickle=False) as f:
+      if "tokens" not in f.files or "lengths" not in f.files:
+        raise ValueError(f"{p} must hold tokens [M, Lmax] and lengths [M] (optional template [t])")
+      return f["tokens"], f["lengths"], (f["template"] if "template" in f.files else None)
+  if p.suffix != ".jsonl":
+    raise ValueError(f"{p}: documents are .npz token arrays or .jsonl text")
+  if tokenizer is None:
+    raise ValueError("JSONL documents need --tokenizer (a tokenizer.json file)")
+  import json
+  from tokenizers import Tokenizer
+  tok = Tokenizer.from_file(tokenizer)
+  texts = []
+  for n, line in enumerate(p.read_text().splitlines(), 1):
+    if line.strip():
+      try:
+        texts.append(json.loads(line)["text"])
+      except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"{p}:{n}: expected a JSON object with a \"text\" field") from None
+  ids = [e.ids for e in tok.encode_batch(texts)]
+  lengths = np.array([len(i) for i in ids], np.int64)
+  tokens = np.full((len(ids), max(1, lengths.max(initial=0))), -1, np.int64)
+  for r, i in enumerate(ids):
+    tokens[r, :len(i)] = i
+  return tokens, lengths, None
+
+
+def _cmd_encode(args) -> int:
+  from msa_jax.engine import encode
+  from msa_jax.memory.store import BankError
+
+  try:
+    model = _load_model(args.checkpoint)
+    tokens, lengths, template = _read_documents(args.documents, args.tokenizer,
+                                                model.cfg.vocab_size)
+    total = encode.Progress(len(lengths), int(np.sum(lengths)))
+    n = encode.encode_to_bank(model, tokens, lengths, args.bank, template=template,
+                              dtype=args.dtype, shard_docs=args.shard_docs, progress=total)
+  except (ValueError, BankError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"bank {args.bank}: {n} documents")
+  return 0
+
+
+def _cmd_generate(args) -> int:
+  import jax
+
+  from msa_jax.engine import prefill
+  from msa_jax.engine.run import BankRunner, ContentPath
+  from msa_jax.engine.sampling import Sampling
+  from msa_jax.memory.bank import BankSpec
+  from msa_jax.memory.store import BankError, open_bank, read_manifest
+
+  try:
+    model = _load_model(args.checkpoint)
+    _, stored = read_manifest(args.bank)
+    bank = open_bank(args.bank, spec=BankSpec.for_model(model.cfg, stored.dtype))
+    with np.load(args.batch, allow_pickle=False) as f:
+      request = prefill.Request.from_arrays(dict(f))
+    sampling = Sampling(temperature=args.temperature, top_p=args.top_p)
+  except (ValueError, BankError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  runner = BankRunner(model, bank, content=ContentPath(args.content) if args.content else None)
+  gen = runner.generate(request, args.max_new_tokens, sampling=sampling,
+                        stop_tokens=tuple(args.stop_token), key=jax.random.key(args.seed))
+  arrays = {"stage2_logits": np.asarray(gen.prefill.logits, np.float32),
+            "decode_tokens": np.asarray(gen.tokens, np.int64),
+            "decode_logits": np.asarray(gen.logits, np.float32)}
+  for l, routed in sorted(gen.prefill.routed.items()):
+    arrays[f"selected_docs_L{l}"] = np.asarray(routed.doc_ids, np.int64)
+    print(f"  selected_docs_L{l}: {arrays[f'selected_docs_L{l}'].tolist()}")
+  _write_npz_atomic(pathlib.Path(args.output), arrays)
+  print(f"wrote {args.output}: decode_tokens {arrays['decode_tokens'].tolist()}")
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="msa-jax", description=__doc__.split("\n\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +213,29 @@ def main(argv: list[str] | None = None) -> int:
   fwd.add_argument("--output", required=True, help="output .npz")
   fwd.add_argument("--reference", help="an .npz with outputs of the same names to compare against")
   fwd.set_defaults(run=_cmd_forward)
+  enc = sub.add_parser("encode", help="stage 1: encode documents into an on-disk memory bank")
+  enc.add_argument("--checkpoint", required=True)
+  enc.add_argument("--documents", required=True,
+                   help=".npz (tokens [M, Lmax] -1 padded, lengths [M], optional template [t]) "
+                        "or .jsonl ({\"text\": ...} per line, needs --tokenizer)")
+  enc.add_argument("--tokenizer", help="tokenizer.json for JSONL documents")
+  enc.add_argument("--bank", required=True, help="bank directory (resumed if it exists)")
+  enc.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  enc.add_argument("--shard-docs", type=int, default=1024, help="documents per committed shard")
+  enc.set_defaults(run=_cmd_encode)
+  gen = sub.add_parser("generate", help="stages 2-3: route, prefill and decode requests")
+  gen.add_argument("--checkpoint", required=True)
+  gen.add_argument("--bank", required=True)
+  gen.add_argument("--batch", required=True, help="request .npz in the SPEC §13 format")
+  gen.add_argument("--max-new-tokens", type=int, required=True)
+  gen.add_argument("--output", required=True)
+  gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  gen.add_argument("--top-p", type=float, default=1.0)
+  gen.add_argument("--seed", type=int, default=0)
+  gen.add_argument("--stop-token", type=int, action="append", default=[])
+  gen.add_argument("--content", choices=("device", "callback", "paged"),
+                   help="how selected K/V reach the device (default: per backend)")
+  gen.set_defaults(run=_cmd_generate)
   args = parser.parse_args(argv)
   return args.run(args)
 

@@ -193,3 +193,38 @@ class Progress:
     eta = (self.total_tokens - tokens) / max(rate, 1e-9)
     print(f"encoded {docs}/{self.total_docs} documents, {tokens}/{self.total_tokens} tokens, "
           f"{rate:,.0f} tokens/s, ETA {eta:,.0f} s", file=self.out, flush=True)
+
+
+def encode_to_bank(model: MSAForCausalLM, tokens: np.ndarray, lengths: np.ndarray, path, *,
+                   template: np.ndarray | None = None, dtype: str = "float32",
+                   shard_docs: int = 1024, batch_tokens: int = 8192,
+                   progress: Callable[[int, int], None] | None = None):
+  """Encodes documents into the on-disk bank at `path`, one committed shard per `shard_docs`.
+
+  Resumable: if the bank exists (same model and dtype), documents already committed are skipped,
+  so a killed encode continues where it stopped and ends with the same bank as an uninterrupted
+  one. Document i gets id i. Returns the `BankWriter`'s final document count.
+  """
+  import ml_dtypes
+
+  from msa_jax.memory.bank import BankSpec
+  from msa_jax.memory.store import BankWriter
+
+  tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+  check_documents(tokens, lengths, model.cfg.vocab_size)
+  np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
+  spec = BankSpec.for_model(model.cfg, dtype)
+  tpl = None if template is None else encode_template(model, template, np_dtype)
+  with BankWriter(path, spec, template=tpl) as writer:
+    start = writer.num_committed_docs
+    if start > len(lengths):
+      raise EncodeError(f"{path} already holds {start} documents, more than the {len(lengths)} given")
+    base_tokens = int(lengths[:start].sum())
+    for s in range(start, len(lengths), shard_docs):
+      e = min(s + shard_docs, len(lengths))
+      done = (lambda d, t, s=s: progress(s + d, base_tokens + t)) if progress else None
+      enc = encode_documents(model, tokens[s:e], lengths[s:e], dtype=np_dtype,
+                             batch_tokens=batch_tokens, progress=done)
+      writer.append(enc, doc_ids=np.arange(s, e))
+      base_tokens += int(lengths[s:e].sum())
+    return writer.num_committed_docs
