@@ -474,7 +474,8 @@ def test_router_projections_learn_only_from_the_aux_loss_of_upper_layers(grad_ca
 
 def _directional_fd(cfg, params, batch, direction, eps, base_selected):
   def loss_at(sign):
-    shifted = jax.tree_util.tree_map(lambda p, d: p + sign * eps * d, params, direction)
+    shifted = jax.tree_util.tree_map(lambda p, d: np.asarray(p) + np.float32(sign * eps) * d, params,
+                                     direction)  # in numpy: no eager XLA compiles
     out = fw.run(from_params(cfg, shifted), batch)
     for l, sel in base_selected.items():  # the discrete choice must not change inside ±eps
       np.testing.assert_array_equal(np.asarray(out.selected[l]), np.asarray(sel))
