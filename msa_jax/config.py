@@ -66,7 +66,9 @@ class MSAConfig:
   head_reduce: HeadReduce = HeadReduce.MEAN
   query_reduce: QueryReduce = QueryReduce.MAX
   chunk_reduce: ChunkReduce = ChunkReduce.MAX
-  routing_score: RoutingScore = RoutingScore.COSINE
+  # None: what the official training path uses for this router (cosine when decoupled, cosine
+  # scaled by 1/sqrt(H) otherwise).
+  routing_score: RoutingScore | None = None
   aux_temperature: float = 0.1
   lm_weight: float = 1.0
   aux_weight: float = 0.1
@@ -76,6 +78,9 @@ class MSAConfig:
   aux_loss_method: str = "INFONCE"
 
   def __post_init__(self):
+    if self.routing_score is None:
+      object.__setattr__(self, "routing_score", RoutingScore.COSINE if self.decouple_router
+                         else RoutingScore.SCALED_COSINE)
     if self.top_k_docs < 1:
       raise ConfigError(f"top_k_docs must be >= 1, got {self.top_k_docs}")
     if self.pooling_size < 1:

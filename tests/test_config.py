@@ -107,3 +107,8 @@ def test_missing_required_keys_are_named():
 def test_msa_settings_passed_twice_are_contradictory():
   with pytest.raises(C.ConfigError, match="already carries msa_config"):
     C.from_hf_dict(official_dict(), msa=C.MSAConfig())
+
+
+def test_default_routing_score_follows_the_router_kind():
+  assert C.MSAConfig().routing_score is C.RoutingScore.COSINE
+  assert C.MSAConfig(decouple_router=False).routing_score is C.RoutingScore.SCALED_COSINE

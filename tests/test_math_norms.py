@@ -104,9 +104,6 @@ def test_l2_normalize_uses_max_of_norm_and_eps():
   np.testing.assert_allclose(got, [[3e-2, 4e-2]], rtol=RTOL)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: l2_normalize differentiates sqrt(Σx²) at 0 (0·inf = NaN). Fix: "
-    "x * rsqrt(maximum(Σx², eps²)), which equals x / max(‖x‖, eps) with a finite gradient."))
 def test_l2_normalize_gradient_is_finite_at_the_zero_vector():
   """Unused chunk slots pool to exactly zero routing keys; their gradient must not be NaN.
 
