@@ -109,3 +109,32 @@ def test_an_encode_killed_midway_resumes_to_the_same_bank(tmp_path):
   for f in sorted((tmp_path / "oneshot").rglob("*.npy")):
     rel = f.relative_to(tmp_path / "oneshot")
     assert (killed / rel).read_bytes() == f.read_bytes(), rel
+
+
+def test_encode_reads_jsonl_text_with_a_tokenizer(tmp_path):
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  words = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran"]
+  tok = Tokenizer(models.WordLevel({w: i + 1 for i, w in enumerate(words)} | {"[UNK]": 0},
+                                   unk_token="[UNK]"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.save(str(tmp_path / "tokenizer.json"))
+  (tmp_path / "docs.jsonl").write_text(
+      '{"text": "the cat sat on the mat"}\n\n{"text": "a dog ran"}\n')
+  assert cli.main(["encode", "--checkpoint", CKPT, "--documents", str(tmp_path / "docs.jsonl"),
+                   "--tokenizer", str(tmp_path / "tokenizer.json"), "--bank",
+                   str(tmp_path / "bank")]) == 0
+  from msa_jax.memory.store import open_bank
+  bank = open_bank(tmp_path / "bank")
+  assert bank.lengths.tolist() == [6, 3] and bank.doc_ids.tolist() == [0, 1]
+
+
+def test_encode_rejects_jsonl_without_a_tokenizer_and_malformed_lines(tmp_path, capsys):
+  (tmp_path / "docs.jsonl").write_text('{"text": "x"}\n')
+  args = ["encode", "--checkpoint", CKPT, "--documents", str(tmp_path / "docs.jsonl"), "--bank",
+          str(tmp_path / "bank")]
+  assert cli.main(args) == 2
+  assert "need --tokenizer" in capsys.readouterr().err
+  np.savez(tmp_path / "bad.npz", tokens=np.ones((2, 3)))
+  args[4] = str(tmp_path / "bad.npz")
+  assert cli.main(args) == 2
+  assert "must hold tokens [M, Lmax] and lengths [M]" in capsys.readouterr().err
