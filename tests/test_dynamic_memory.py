@@ -32,7 +32,8 @@ def route(model, bank):
   from conftest import load_npz
   ref = load_npz("fixture_inference.npz")
   req = prefill.Request.from_arrays({k: ref["stage2_" + k] for k in REQUEST})
-  out, _ = BankRunner(model, bank, content=ContentPath.CALLBACK).prefill(req, 1)
+  out, _ = BankRunner(model, bank, content=ContentPath.CALLBACK).prefill(req, 1,
+                                                                     with_doc_scores=True)
   result = {}
   for l, r in out.routed.items():
     ids = np.asarray(r.doc_ids)

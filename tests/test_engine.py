@@ -37,7 +37,8 @@ class Engine:
 
   def prefill(self, request, max_new_tokens=4):
     return prefill.prefill_jit(self.graphdef, self.state, self.index, self.content, self.ids,
-                               self.tkv, request, max_new_tokens=max_new_tokens)
+                               self.tkv, request, max_new_tokens=max_new_tokens,
+                               with_doc_scores=True)
 
 
 # --- the official inference fixture -----------------------------------------------------------

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from msa_jax.math import attention, norms, roles, routing
+from msa_jax.math import attention, norms, roles
 from msa_jax.memory.bank import MemoryBank, Template
 from msa_jax.memory.index import ContentSource, RoutingIndex
 from msa_jax.nn.model import MSAForCausalLM
@@ -103,7 +103,7 @@ class Routed:
   rows: jax.Array
   doc_ids: jax.Array
   scores: jax.Array  # [B, k], -inf where none
-  doc_scores: jax.Array  # [B, M] per bank row, -inf for deleted rows
+  doc_scores: jax.Array | None  # [B, M] per bank row (-inf for deleted rows), when asked for
 
 
 @struct.dataclass
@@ -112,33 +112,15 @@ class PrefillOutput:
   routed: dict[int, Routed]
 
 
-def route_bank(q: jax.Array, query_mask: jax.Array, routing_keys: jax.Array, index: RoutingIndex,
-               k: int, cfg) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Scores every bank chunk for each request and picks the top-k live rows.
-
-  q [B, T, N, H] routing queries (normalised as the score needs), routing_keys [C, K, H].
-  Returns (rows [B, k] -1 padded, their scores [B, k], per-row scores [B, M]).
-  """
-  m = cfg.msa
-  keys = jnp.broadcast_to(routing_keys[None], (q.shape[0],) + routing_keys.shape)
-  chunk_valid = index.live[index.chunk_row][None]
-  cs = routing.chunk_scores(q, query_mask, keys, chunk_valid, scale=m.routing_score.scale(cfg.head_dim),
-                            head_reduce=m.head_reduce, query_reduce=m.query_reduce)
-  chunk_doc = jnp.broadcast_to(index.chunk_row[None] + 1, cs.shape)  # 0 is reserved for "none"
-  ds = routing.doc_scores(cs, chunk_doc, index.num_docs + 1, m.chunk_reduce)
-  ids, scores = routing.select_top_k(ds, k)
-  rows = jnp.where(ids > 0, ids - 1, -1)
-  return rows, scores, ds[:, 1:]
-
-
-def _route_layer(layer, h, q, k, query_mask, index: RoutingIndex, doc_ids) -> Routed:
+def _route_layer(layer, h, q, k, query_mask, index: RoutingIndex, doc_ids,
+                 with_doc_scores: bool) -> Routed:
   """Routing at one router layer: score every live chunk, pick the top-k bank rows."""
   cfg = layer.cfg
   rq, _ = layer.attn.routing_qk(h, q, k)
   if cfg.msa.routing_score.normalize:
     rq = norms.l2_normalize(rq)
-  rows, scores, ds = route_bank(rq, query_mask, index.routing_keys[layer.index], index,
-                                cfg.msa.top_k_docs, cfg)
+  rows, scores, ds = index.route(rq, query_mask, layer.index, cfg,
+                                 with_doc_scores=with_doc_scores)
   ids = jnp.where(rows >= 0, doc_ids[jnp.maximum(rows, 0)], -1)
   return Routed(rows=rows, doc_ids=ids, scores=scores, doc_scores=ds)
 
@@ -184,8 +166,9 @@ def _finish(model, x, request: Request, caches, routed) -> tuple[PrefillOutput, 
 
 def route_and_prefill(graphdef: nnx.GraphDef, state: nnx.State, index: RoutingIndex,
                       content: ContentSource, doc_ids: jax.Array, template: TemplateKV,
-                      request: Request, max_new_tokens: int) -> tuple[PrefillOutput, DecodeState]:
-  """Stage 2 as one pure function (jit it with `max_new_tokens` static; see `prefill_jit`).
+                      request: Request, max_new_tokens: int, with_doc_scores: bool = False
+                      ) -> tuple[PrefillOutput, DecodeState]:
+  """Stage 2 as one pure function (jit it with the sizes static; see `prefill_jit`).
 
   The content of the selected documents is read inside jit through `content` (device arrays,
   or a host callback). doc_ids [M]: the stable id of each bank row, to report selections by id.
@@ -199,7 +182,7 @@ def route_and_prefill(graphdef: nnx.GraphDef, state: nnx.State, index: RoutingIn
     h, q, k, v = layer.pre(x, request.position_ids)
     memory = None
     if layer.is_router:
-      routed[i] = _route_layer(layer, h, q, k, query_mask, index, doc_ids)
+      routed[i] = _route_layer(layer, h, q, k, query_mask, index, doc_ids, with_doc_scores)
       memory = content.gather(i, routed[i].rows, index)
     x, cache = _attend_layer(layer, x, q, k, v, valid, template.keys[i], template.values[i],
                              memory, max_new_tokens)
@@ -207,7 +190,8 @@ def route_and_prefill(graphdef: nnx.GraphDef, state: nnx.State, index: RoutingIn
   return _finish(model, x, request, caches, routed)
 
 
-prefill_jit = jax.jit(route_and_prefill, static_argnums=(0,), static_argnames=("max_new_tokens",))
+prefill_jit = jax.jit(route_and_prefill, static_argnums=(0,),
+                      static_argnames=("max_new_tokens", "with_doc_scores"))
 
 
 # --- host-driven stage 2: route on device, page selected content in, continue ------------------
@@ -217,14 +201,16 @@ def _embed(graphdef, state, input_ids):
   return nnx.merge(graphdef, state).embed(input_ids)
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _pre_and_route(graphdef, state, x, request: Request, index: RoutingIndex, doc_ids):
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("with_doc_scores",))
+def _pre_and_route(graphdef, state, x, request: Request, index: RoutingIndex, doc_ids,
+                   with_doc_scores: bool):
   layer = nnx.merge(graphdef, state)
   h, q, k, v = layer.pre(x, request.position_ids)
   valid = request.attention_mask.astype(bool)
   routed = None
   if layer.is_router:
-    routed = _route_layer(layer, h, q, k, valid & (request.doc_ids == roles.QUERY), index, doc_ids)
+    routed = _route_layer(layer, h, q, k, valid & (request.doc_ids == roles.QUERY), index, doc_ids,
+                          with_doc_scores)
   return (q, k, v), routed
 
 
@@ -239,8 +225,8 @@ def _finish_jit(graphdef, state, x, request, caches, routed):
 
 
 def route_and_prefill_paged(model: MSAForCausalLM, index: RoutingIndex, pages, doc_ids: jax.Array,
-                            template: TemplateKV, request: Request, max_new_tokens: int
-                            ) -> tuple[PrefillOutput, DecodeState]:
+                            template: TemplateKV, request: Request, max_new_tokens: int,
+                            with_doc_scores: bool = False) -> tuple[PrefillOutput, DecodeState]:
   """Stage 2 driven from the host: identical results to `route_and_prefill`.
 
   At each router layer the selection comes back to the host (one small explicit transfer), the
@@ -253,7 +239,7 @@ def route_and_prefill_paged(model: MSAForCausalLM, index: RoutingIndex, pages, d
   x = _embed(graphdef, state, request.input_ids)
   caches, routed = [], {}
   for i, (g, s) in enumerate(parts):
-    qkv, r = _pre_and_route(g, s, x, request, index, doc_ids)
+    qkv, r = _pre_and_route(g, s, x, request, index, doc_ids, with_doc_scores=with_doc_scores)
     memory = None
     if r is not None:
       routed[i] = r

@@ -46,15 +46,22 @@ class BankRunner:
   """A model bound to a bank: builds the routing index and the content source once."""
 
   def __init__(self, model: MSAForCausalLM, bank: MemoryBank, *,
-               content: ContentPath | None = None, page_slots: int = 256):
+               content: ContentPath | None = None, page_slots: int = 256, mesh=None):
+    """mesh: a `msa_jax.parallel.make_memory_mesh()` mesh to shard the routing index (and DEVICE
+    content) over its devices, with the weights replicated (Memory Parallel); None: one device."""
+    if mesh is not None:
+      from msa_jax import parallel
+      model = parallel.replicate_model(model, mesh)
     self.model, self.bank = model, bank
     self.graphdef, self.state = nnx.split(model)
     self.path = content or ContentPath.default()
-    self.index = RoutingIndex.from_bank(bank)
+    self.index = (RoutingIndex.from_bank(bank) if mesh is None
+                  else parallel.ShardedRoutingIndex.from_bank(bank, mesh))
     self.doc_ids = jax.device_put(bank.doc_ids)
     self.template = prefill.TemplateKV.from_template(bank.template, model)
     if self.path is ContentPath.DEVICE:
-      self.content = DeviceContent.from_bank(bank)
+      self.content = (DeviceContent.from_bank(bank) if mesh is None
+                      else parallel.ShardedDeviceContent.from_bank(bank, self.index))
     elif self.path is ContentPath.CALLBACK:
       self.content = HostContent(bank)
     else:
@@ -65,12 +72,16 @@ class BankRunner:
     """Content bytes moved to the device so far (0 for DEVICE: it was all moved up front)."""
     return getattr(self.content, "bytes_moved", 0)
 
-  def prefill(self, request: prefill.Request, max_new_tokens: int):
+  def prefill(self, request: prefill.Request, max_new_tokens: int, *,
+              with_doc_scores: bool = False):
+    """Stage 2; `with_doc_scores` also returns every bank row's score (for inspection)."""
     if self.path is ContentPath.PAGED:
       return prefill.route_and_prefill_paged(self.model, self.index, self.content, self.doc_ids,
-                                             self.template, request, max_new_tokens)
+                                             self.template, request, max_new_tokens,
+                                             with_doc_scores=with_doc_scores)
     return prefill.prefill_jit(self.graphdef, self.state, self.index, self.content, self.doc_ids,
-                               self.template, request, max_new_tokens=max_new_tokens)
+                               self.template, request, max_new_tokens=max_new_tokens,
+                               with_doc_scores=with_doc_scores)
 
   def generate(self, request: prefill.Request, max_new_tokens: int, *,
                sampling: Sampling = Sampling(), stop_tokens: tuple[int, ...] = (),

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from msa_jax import ops
+from msa_jax.math import routing
 from msa_jax.memory.bank import MemoryBank
 
 
@@ -39,6 +41,30 @@ class RoutingIndex:
   @property
   def num_docs(self) -> int:
     return int(self.live.shape[0])
+
+  def route(self, q: jax.Array, query_mask: jax.Array, layer: int, cfg, *,
+            with_doc_scores: bool = False):
+    """Scores every bank chunk of `layer` for each request (in tiles) and picks the top-k live
+    rows (k = cfg.msa.top_k_docs).
+
+    q [B, T, N, H] routing queries (normalised as the score needs). Returns (rows [B, k] -1
+    padded, their scores [B, k], and with `with_doc_scores` the score of every bank row [B, M]
+    (-inf for deleted rows) — a chunk -> row reduction over the whole bank, for inspection).
+    """
+    m = cfg.msa
+    chunk_valid = self.live[self.chunk_row]
+    cs = ops.bank_chunk_scores(q, query_mask, self.routing_keys[layer], chunk_valid,
+                               scale=m.routing_score.scale(cfg.head_dim),
+                               head_reduce=m.head_reduce, query_reduce=m.query_reduce)  # B C
+    chunk_doc = self.chunk_row + 1  # document "ids" 1..M: 0 means none
+    ids, scores = ops.bank_top_k_docs(cs, chunk_doc, self.num_docs + 1, m.top_k_docs,
+                                      self.max_chunks, m.chunk_reduce)
+    rows = jnp.where(ids > 0, ids - 1, -1)
+    ds = None
+    if with_doc_scores:
+      ds = routing.doc_scores(cs, jnp.broadcast_to(chunk_doc[None], cs.shape), self.num_docs + 1,
+                              m.chunk_reduce)[:, 1:]
+    return rows, scores, ds
 
   @classmethod
   def from_bank(cls, bank: MemoryBank, device=None) -> "RoutingIndex":
@@ -91,13 +117,12 @@ class DeviceContent:
                values={l: put(a) for l, a in bank.values.items()})
 
   def gather(self, layer, selected, index):
-    rows, valid = chunk_rows(index.doc_offset, index.doc_count, sort_selected(selected),
-                             index.max_chunks)
-    k = jnp.take(self.keys[layer], rows, axis=0)
-    v = jnp.take(self.values[layer], rows, axis=0)
-    zero = jnp.zeros((), k.dtype)
-    return (jnp.where(valid[..., None, None], k, zero), jnp.where(valid[..., None, None], v, zero),
-            valid)
+    sel = sort_selected(selected)
+    k, valid = ops.gather_doc_chunks(self.keys[layer], index.doc_offset, index.doc_count, sel,
+                                     max_chunks=index.max_chunks)
+    v, _ = ops.gather_doc_chunks(self.values[layer], index.doc_offset, index.doc_count, sel,
+                                 max_chunks=index.max_chunks)
+    return k, v, valid
 
 
 @jax.tree_util.register_static
