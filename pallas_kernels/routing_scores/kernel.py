@@ -30,8 +30,18 @@ GPU notes (not run on a GPU in this repo yet; see pallas_kernels/gpu_check.py):
   the remainder (< block_c chunks) is scored by a second one-tile call on a zero-padded copy of
   just those rows, so no block ever reads past the end of the bank (Triton does not mask block
   loads for us).
-- Lowered through the Triton backend (see `_compat.py`); a Mosaic GPU port would replace the
-  jnp dot with `plgpu.wgmma` on swizzled SMEM tiles (keys tile as M = 64·m, Tp as N).
+- Lowered through the Triton backend (see `_compat.py`). tests/pallas/test_gpu_lowering.py runs
+  that lowering on CPU (`lowering_platforms=("cuda",)`); PTX compilation and running need a GPU.
+  The default Mosaic GPU lowering of this pallas_call fails (the keys block exceeds SMEM at
+  block_c=128 x K·H=1024; with smaller tiles, the 64-byte query-weight block is rejected: Mosaic
+  copies must be multiples of 128 bytes); a
+  Mosaic port would stage keys with `plgpu.emit_pipeline` and use `plgpu.wgmma` on swizzled
+  SMEM tiles (keys tile as M = 64·m, Tp as N).
+- float32 banks use full-precision dots (Triton's float32 default is TF32).
+- Not fused (yet): the chunk -> document max and a per-tile top-k. The [B, C] float32 scores the
+  kernel writes are 4 bytes per chunk per sample against 256 (tiny model) to 2048 (MSA-4B) bytes
+  of keys read, so the fusion would save at most 0.2-1.6% of the traffic;
+  `msa_jax.ops.bank_top_k_docs` does the exact reduction after the scan.
 """
 
 from __future__ import annotations
@@ -94,12 +104,14 @@ def _routing_scores_kernel(
   num_kv = r // groups if head_max else r
   # kv head outer, sample inner: one [block_c, H] key slice is live at a time (on GPU it is the
   # MMA's A operand) and each sample keeps one [block_c, Tp] float32 accumulator.
+  # float32 banks: full-precision dots (Triton's default for float32 is TF32, ~1e-3 relative).
+  precision = lax.Precision.HIGHEST if keys_ref.dtype == jnp.float32 else None
   acc = [None] * bp  # per sample: head-reduced scores [block_c, Tp] of every routing token
   for kv in range(num_kv):
     kt = keys_ref[:, pl.ds(kv * head_dim, head_dim)]  # [block_c, H]
     for b in range(bp):
       for j in (range(kv * groups, (kv + 1) * groups) if head_max else (kv,)):
-        sj = lax.dot_general(kt, q_ref[b, j], (((1,), (1,)), ((), ())),
+        sj = lax.dot_general(kt, q_ref[b, j], (((1,), (1,)), ((), ())), precision=precision,
                              preferred_element_type=jnp.float32)  # [block_c, Tp]
         if acc[b] is None:
           acc[b] = sj
