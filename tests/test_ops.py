@@ -32,6 +32,7 @@ SCANS = {
     "default": ops.ScanConfig(),
     "q_lhs": ops.ScanConfig(gemv_max_rows=10_000),  # every case through q · keysᵀ
     "k_lhs_tiled": ops.ScanConfig(gemv_max_rows=0, tile_c=16),  # keys · qᵀ in tiles of 16
+    "per_sample": ops.ScanConfig(per_sample_min_rows=1),  # one scan per sample when B > 1
 }
 TOL = {"float32": 1e-5, "bfloat16": 1e-2}  # bf16: q is rounded to bf16 after the group sum
 # Many small programs: XLA's backend optimisations would only cost compile time.
@@ -89,7 +90,8 @@ def test_unknown_implementation_rejected():
 
 
 @pytest.mark.parametrize("kw,msg", [(dict(gemv_max_rows=-1), "self.gemv_max_rows=-1"),
-                                    (dict(tile_c=0), "self.tile_c=0")])
+                                    (dict(tile_c=0), "self.tile_c=0"),
+                                    (dict(per_sample_min_rows=0), "self.per_sample_min_rows=0")])
 def test_scan_config_validates(kw, msg):
   with pytest.raises(ValueError, match=msg):
     ops.ScanConfig(**kw)
@@ -105,7 +107,8 @@ def _xla_cases(dtype_name):
   forced layout, plus a negative scale (it swaps max and min, so folding it into q must be
   exact); bfloat16: the default scan on two shapes."""
   if dtype_name == "float32":
-    plan = [(n, "default") for n in SHAPES] + [("gqa3", sc) for sc in ("q_lhs", "k_lhs_tiled")]
+    plan = [(n, "default") for n in SHAPES] + [("gqa3", sc) for sc in ("q_lhs", "k_lhs_tiled",
+                                                                       "per_sample")]
   else:
     plan = [("tail_gqa1", "default"), ("one_token", "default")]
   cases = [(n, sc, hr, qr, 0.7) for n, sc in plan for hr, qr in REDUCTIONS]
