@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels._bench import timeit
+
 from msa_jax.config import ChunkReduce, HeadReduce, QueryReduce
 from msa_jax.math import routing as math_routing
 from msa_jax.ops import bank_chunk_scores, bank_top_k_docs, gather_doc_chunks
@@ -65,16 +67,6 @@ def first_call(fn: Callable, *args) -> float:
   return time.perf_counter() - t0
 
 
-def timeit(fn: Callable, *args, repeats: int, warmup: int = 1) -> float:
-  """Median seconds of fn(*args), blocked on the result."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  ts = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append(time.perf_counter() - t0)
-  return float(np.median(ts))
 
 
 class Report:

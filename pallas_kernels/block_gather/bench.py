@@ -20,17 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels._bench import timeit
+
 from msa_jax.ops import gather_doc_chunks
 
 
-def timeit(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  ts = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append(time.perf_counter() - t0)
-  return float(np.median(ts))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))

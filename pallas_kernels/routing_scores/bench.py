@@ -28,21 +28,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import _bench
+
 from msa_jax.config import ChunkReduce, HeadReduce, QueryReduce
 from msa_jax.math import routing
 from msa_jax.ops import ScanConfig, bank_chunk_scores, bank_top_k_docs
 
 
 def timeit(fn, *args, repeats: int, warmup: int = 2) -> float:
-  """Median seconds of fn(*args) (blocked), after warm-up calls."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  ts = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append(time.perf_counter() - t0)
-  return float(np.median(ts))
+  return _bench.timeit(fn, *args, repeats=repeats, warmup=warmup)
 
 
 def read_bandwidth(repeats: int, nbytes: int = 1 << 30) -> float:
