@@ -23,7 +23,7 @@ from flax import nnx
 
 from msa_jax import parallel
 from msa_jax.config import ChunkReduce, HeadReduce, ModelConfig, MSAConfig, QueryReduce
-from msa_jax.engine import encode, prefill
+from msa_jax.engine import decode, encode, prefill
 from msa_jax.engine.run import BankRunner, ContentPath
 from msa_jax.interop import hf
 from msa_jax.memory import store
@@ -119,13 +119,13 @@ def assert_same_routes(got, want):
       np.testing.assert_array_equal(a, b, err_msg=f"{what} L{l}")
 
 
-def prefill_outputs(model, index, content, bank):
+def prefill_outputs(model, index, content, bank, *, with_state: bool = False):
   g, s = nnx.split(model)
-  out, _ = prefill.prefill_jit(g, s, index, content, jax.device_put(bank.doc_ids),
-                               prefill.TemplateKV.from_template(bank.template, model),
-                               request(model.cfg.msa.top_k_docs), max_new_tokens=2,
-                               with_doc_scores=True)
-  return out
+  out, state = prefill.prefill_jit(g, s, index, content, jax.device_put(bank.doc_ids),
+                                   prefill.TemplateKV.from_template(bank.template, model),
+                                   request(model.cfg.msa.top_k_docs), max_new_tokens=2,
+                                   with_doc_scores=True)
+  return (out, state) if with_state else out
 
 
 # --- placement -----------------------------------------------------------------------------------
@@ -379,8 +379,9 @@ def test_four_devices_in_a_subprocess(disk_bank):
 
 def test_two_processes_each_encoding_and_owning_its_bank(encoded, two_processes):
   """jax.distributed with 2 processes x 2 devices: each process encodes its part of the documents
-  into its own bank (data parallel on its devices), deletes one if it owns it, and serves it with
-  host and device content; the result equals one device on the concatenated banks."""
+  into its own bank (data parallel on its devices), deletes one if it owns it, and serves it
+  (host content read by each owner, then decoding); the result equals one device's on the
+  concatenated banks."""
   model, tokens, lengths, single_bank = encoded
   workers, path = two_processes
   results = workers.results()
@@ -388,13 +389,15 @@ def test_two_processes_each_encoding_and_owning_its_bank(encoded, two_processes)
   assert [r["documents"] for r in results] == [bounds[:2].tolist(), bounds[1:].tolist()]
   bank = parallel.open_process_banks([path / f"bank{i}" for i in range(2)])
   assert not bank.live[DEAD] and bank.live.sum() == DOCS["m"] - 1
-  want = prefill_outputs(model, RoutingIndex.from_bank(bank), DeviceContent.from_bank(bank), bank)
+  want, state = prefill_outputs(model, RoutingIndex.from_bank(bank), DeviceContent.from_bank(bank),
+                               bank, with_state=True)
   with np.load(path / "out.npz") as got:
-    for name in ("host",):
-      np.testing.assert_array_equal(got[f"{name}_logits"], want.logits)
-      for l, r in want.routed.items():
-        np.testing.assert_array_equal(got[f"{name}_rows{l}"], r.rows)
-        np.testing.assert_array_equal(got[f"{name}_ids{l}"], r.doc_ids)
+    np.testing.assert_array_equal(got["logits"], want.logits)
+    for l, r in want.routed.items():
+      np.testing.assert_array_equal(got[f"rows{l}"], r.rows)
+      np.testing.assert_array_equal(got[f"ids{l}"], r.doc_ids)
+    g, s = nnx.split(model)
+    np.testing.assert_array_equal(got["tokens"], decode.generate(g, s, state, 2).tokens)
   # Encoded across processes, the bank matches the single-device encoding.
   for l in model.cfg.msa.router_layers:
     np.testing.assert_allclose(bank.keys[l], single_bank.keys[l], rtol=0, atol=1e-6)
@@ -452,14 +455,14 @@ def _worker_process(process_id: str, port: str, workdir: str) -> dict:
   g, s = nnx.split(parallel.replicate_model(model, mesh))
   tkv = parallel.replicate(prefill.TemplateKV.from_template(None, model), mesh)
   req = parallel.replicate(request(model.cfg.msa.top_k_docs), mesh)
-  results = {}
-  for name, content in (("host", parallel.ShardedHostContent(local)),):
-    out, _ = prefill.prefill_jit(g, s, index, content, index.doc_ids, tkv, req, max_new_tokens=2)
-    local_copy = lambda x: np.asarray(x.addressable_data(0))
-    results[f"{name}_logits"] = local_copy(out.logits)
-    for l, r in out.routed.items():
-      results[f"{name}_rows{l}"] = local_copy(r.rows)
-      results[f"{name}_ids{l}"] = local_copy(r.doc_ids)
+  out, state = prefill.prefill_jit(g, s, index, parallel.ShardedHostContent(local), index.doc_ids,
+                                   tkv, req, max_new_tokens=2)
+  local_copy = lambda x: np.asarray(x.addressable_data(0))  # replicated: the whole result
+  results = {"logits": local_copy(out.logits),
+             "tokens": local_copy(decode.generate(g, s, state, 2).tokens)}
+  for l, r in out.routed.items():
+    results[f"rows{l}"] = local_copy(r.rows)
+    results[f"ids{l}"] = local_copy(r.doc_ids)
   if jax.process_index() == 0:
     np.savez(workdir / "out.npz", **results)
   return {"documents": [start, end]}
