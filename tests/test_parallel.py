@@ -128,7 +128,7 @@ def prefill_outputs(model, index, content, bank, *, with_state: bool = False):
   return (out, state) if with_state else out
 
 
-# --- placement -----------------------------------------------------------------------------------
+# --- placement ------------------------------------------------------------------------------------
 
 def _brute_force_best(counts, parts):
   """The smallest achievable largest part over every contiguous split (small inputs)."""
@@ -164,7 +164,8 @@ def test_plan_pads_shards_and_maps_every_row_and_chunk():
   assert chunk_doc[1].tolist() == [1, 2, 3] + [4] * 7
   assert chunk_doc[2].tolist() == [1, 1, 2, 2, 2] + [0] * 5  # padded with invalid chunks
   off, cnt = plan.local_docs(counts)
-  assert off.reshape(3, 4)[1].tolist() == [0, 1, 2, 3] and cnt.reshape(3, 4)[0].tolist() == [10, 0, 0, 0]
+  assert off.reshape(3, 4)[1].tolist() == [0, 1, 2, 3]
+  assert cnt.reshape(3, 4)[0].tolist() == [10, 0, 0, 0]
   assert plan.row_slot().tolist() == [0, 4, 5, 6, 7, 8, 9]
   # Fewer documents than shards: the extra shards hold only padding.
   few = plan_shards(np.array([3, 5]), 4)
@@ -174,7 +175,7 @@ def test_plan_pads_shards_and_maps_every_row_and_chunk():
   assert seg.doc_start[2] == 4 and seg.source_chunk_base == (0, 0, 13, 13)
 
 
-# --- subprocesses: 4 simulated devices, and 2 processes under jax.distributed --------------------
+# --- subprocesses: 4 simulated devices, and 2 processes under jax.distributed ---------------------
 # They are started as soon as their inputs exist and run beside the in-process tests (the test
 # process compiles on one core); the tests at the end of the file wait for their results.
 
@@ -252,7 +253,7 @@ def disk_bank(encoded, tmp_path_factory):
   workers.stop()
 
 
-# --- encoding and banks on disk ------------------------------------------------------------------
+# --- encoding and banks on disk -------------------------------------------------------------------
 
 def test_sharded_encode_equals_single_device_encode(encoded, disk_bank):
   model, tokens, lengths, bank = encoded
@@ -368,7 +369,7 @@ def test_sharded_host_content_reads_only_owned_winners(encoded, single_device):
   assert content.bytes_moved == selected * chunk_bytes  # each winner read once, by its owner
 
 
-# --- results of the subprocesses -----------------------------------------------------------------
+# --- results of the subprocesses ------------------------------------------------------------------
 
 def test_four_devices_in_a_subprocess(disk_bank):
   """Synthetic banks of 13 and 3 (< 4) documents with deleted ones, and the bank written from 2
@@ -403,7 +404,7 @@ def test_two_processes_each_encoding_and_owning_its_bank(encoded, two_processes)
     np.testing.assert_allclose(bank.keys[l], single_bank.keys[l], rtol=0, atol=1e-6)
 
 
-# --- subprocess workers ----------------------------------------------------------------------------
+# --- subprocess workers ---------------------------------------------------------------------------
 
 def _same(got, want) -> bool:
   return all(np.array_equal(a, b) for l in want for a, b in zip(got[l], want[l]))
@@ -417,7 +418,8 @@ def _worker_four_devices(bank_path: str, want_path: str) -> dict:
     bank = synthetic_bank(cfg, random_docs(m, seed=i)[1], seed=i, dead=[1])
     q, mask = routing_queries(cfg, seed=i)
     index = parallel.ShardedRoutingIndex.from_bank(bank, mesh)
-    ok &= _same(route_all(index, cfg, q, mask), route_all(RoutingIndex.from_bank(bank), cfg, q, mask))
+    want = route_all(RoutingIndex.from_bank(bank), cfg, q, mask)
+    ok &= _same(route_all(index, cfg, q, mask), want)
   model = small_model()
   bank = store.open_bank(bank_path)  # written from 2 devices
   index = parallel.ShardedRoutingIndex.from_bank(bank, mesh)

@@ -103,12 +103,6 @@ class ShardPlan:
 
   # --- per-shard arrays (host numpy, laid out shard after shard) --------------------------------
 
-  def shard_chunk_counts(self) -> np.ndarray:
-    return np.diff(np.asarray(self.chunk_start))
-
-  def shard_doc_counts(self) -> np.ndarray:
-    return np.diff(np.asarray(self.doc_start))
-
   def local_chunk_doc(self, chunk_counts: np.ndarray) -> np.ndarray:
     """[S·Cs] int32: 1 + the shard-local row of each padded chunk slot, 0 for padding."""
     out = np.zeros((self.num_shards, self.shard_chunks), np.int32)
@@ -140,10 +134,6 @@ class ShardPlan:
     b = np.asarray(self.doc_start, np.int64)
     shard = np.repeat(np.arange(self.num_shards), np.diff(b))
     return (shard * self.shard_docs + np.arange(self.num_docs) - b[shard]).astype(np.int32)
-
-  def bytes_per_shard(self, bytes_per_chunk: int) -> int:
-    """Bytes one shard holds (padded) at `bytes_per_chunk` per chunk."""
-    return self.shard_chunks * bytes_per_chunk
 
   def imbalance(self) -> float:
     """Padded shard size over the ideal C / S (1.0 = perfectly balanced)."""

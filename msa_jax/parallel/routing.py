@@ -42,7 +42,7 @@ from msa_jax.parallel.placement import ShardPlan, plan_shards
 NEG_INF = -jnp.inf
 
 
-# --- global metadata and the sources of each shard's data ---------------------------------------
+# --- global metadata and the sources of each shard's data -----------------------------------------
 
 @dataclasses.dataclass
 class _Global:
@@ -108,7 +108,7 @@ def psum_exact(x: jax.Array, axis_name: str = MEMORY) -> jax.Array:
   return lax.bitcast_convert_type(lax.psum(u, axis_name).astype(bits), x.dtype)
 
 
-# --- the index ----------------------------------------------------------------------------------
+# --- the index ------------------------------------------------------------------------------------
 
 @struct.dataclass
 class ShardedRoutingIndex:
@@ -199,7 +199,8 @@ class ShardedRoutingIndex:
     off, cnt = plan.local_docs(meta.chunk_count)
     rep = lambda a: mesh_lib.replicated(mesh, a)
     return cls(
-        routing_keys={l: _sharded_chunks(mesh, plan, a) for l, a in local_bank.routing_keys.items()},
+        routing_keys={l: _sharded_chunks(mesh, plan, a)
+                      for l, a in local_bank.routing_keys.items()},
         shard_chunk_doc=_sharded_host(mesh, chunk_doc),
         shard_rows=_sharded_host(mesh, plan.shard_rows()),
         shard_doc_offset=_sharded_host(mesh, off),
@@ -255,7 +256,7 @@ class ShardedRoutingIndex:
     return self.replace(live=mesh_lib.replicated(self.mesh, np.asarray(live, bool)))
 
 
-# --- content sources -----------------------------------------------------------------------------
+# --- content sources ------------------------------------------------------------------------------
 
 @struct.dataclass
 class ShardedDeviceContent:
