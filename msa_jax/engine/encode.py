@@ -122,11 +122,14 @@ def check_documents(tokens: np.ndarray, lengths: np.ndarray, vocab_size: int) ->
 
 def encode_documents(model: MSAForCausalLM, tokens: np.ndarray, lengths: np.ndarray, *,
                      dtype=np.float32, batch_tokens: int = 8192,
-                     progress: Callable[[int, int], None] | None = None) -> EncodedDocs:
+                     progress: Callable[[int, int], None] | None = None,
+                     mesh=None, axis: str | None = None) -> EncodedDocs:
   """Encodes documents (tokens [M, Lmax] padded with anything, lengths [M]) in document order.
 
   Returns per router layer K̄, V̄, K̄ᴿ with the chunks of all documents concatenated in order.
-  `progress(done_docs, done_tokens)` is called after every batch.
+  `progress(done_docs, done_tokens)` is called after every batch. With a `mesh`, every batch is
+  sharded over its `axis` (rows padded to a multiple of its size) and the weights replicated:
+  data-parallel encoding, the same bank up to float rounding.
   """
   cfg = model.cfg
   m = cfg.msa
@@ -135,6 +138,12 @@ def encode_documents(model: MSAForCausalLM, tokens: np.ndarray, lengths: np.ndar
   if not m.router_layers:
     raise EncodeError("the model has no router layers: there is no memory to encode")
   graphdef, state = nnx.split(model)
+  shards = 1
+  if mesh is not None:
+    from jax.sharding import NamedSharding, PartitionSpec
+    shards = mesh.shape[axis]
+    state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+    rows_sharding = NamedSharding(mesh, PartitionSpec(axis))
   counts = -(-lengths.astype(np.int64) // m.pooling_size)
   offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
   total = int(offsets[-1])
@@ -142,12 +151,15 @@ def encode_documents(model: MSAForCausalLM, tokens: np.ndarray, lengths: np.ndar
   result = {l: tuple(np.empty(shape, dtype) for _ in range(3)) for l in m.router_layers}
   done_docs = done_tokens = 0
   for length, rows, per_batch in _batches(lengths, m.pooling_size, batch_tokens):
+    per_batch = -(-per_batch // shards) * shards  # whole rows per device
     batch = np.zeros((per_batch, length), np.int32)
     blen = np.zeros((per_batch,), np.int32)
     for j, r in enumerate(rows):
       n = int(lengths[r])
       batch[j, :n] = tokens[r, :n]
       blen[j] = n
+    if mesh is not None:
+      batch, blen = jax.device_put((batch, blen), rows_sharding)
     pooled = jax.device_get(_encode_batch(graphdef, state, batch, blen))
     for l, arrays in pooled.items():
       for dest, src in zip(result[l], arrays):

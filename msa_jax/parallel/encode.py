@@ -18,8 +18,7 @@ from typing import Callable
 
 import jax
 import numpy as np
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from msa_jax.engine import encode as stage1
 from msa_jax.memory.bank import BankSpec, EncodedDocs, MemoryBank
@@ -34,43 +33,8 @@ def encode_documents_sharded(model: MSAForCausalLM, tokens: np.ndarray, lengths:
                              progress: Callable[[int, int], None] | None = None) -> EncodedDocs:
   """`encode_documents` with every batch sharded over the mesh's devices (this process's own:
   use `mesh.local_mesh()` under `jax.distributed`). Returns chunks in document order."""
-  cfg = model.cfg
-  m = cfg.msa
-  tokens, lengths = np.asarray(tokens), np.asarray(lengths)
-  stage1.check_documents(tokens, lengths, cfg.vocab_size)
-  if not m.router_layers:
-    raise stage1.EncodeError("the model has no router layers: there is no memory to encode")
-  n = mesh_lib.mesh_size(mesh)
-  graphdef, state = nnx.split(model)
-  state = jax.device_put(state, NamedSharding(mesh, P()))
-  rows_sharding = NamedSharding(mesh, P(MEMORY, None))
-  counts = -(-lengths.astype(np.int64) // m.pooling_size)
-  offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-  shape = (int(offsets[-1]), cfg.num_kv_heads, cfg.head_dim)
-  result = {l: tuple(np.empty(shape, dtype) for _ in range(3)) for l in m.router_layers}
-  done_docs = done_tokens = 0
-  for length, rows, per_batch in stage1._batches(lengths, m.pooling_size, batch_tokens):
-    per_batch = -(-per_batch // n) * n  # whole rows per device
-    batch = np.zeros((per_batch, length), np.int32)
-    blen = np.zeros((per_batch,), np.int32)
-    for j, r in enumerate(rows):
-      batch[j, :lengths[r]] = tokens[r, :lengths[r]]
-      blen[j] = lengths[r]
-    batch = jax.device_put(batch, rows_sharding)
-    blen = jax.device_put(blen, NamedSharding(mesh, P(MEMORY)))
-    pooled = jax.device_get(stage1._encode_batch(graphdef, state, batch, blen))
-    for l, arrays in pooled.items():
-      for dest, src in zip(result[l], arrays):
-        for j, r in enumerate(rows):
-          dest[offsets[r]:offsets[r + 1]] = src[j, :counts[r]]
-    done_docs += rows.size
-    done_tokens += int(lengths[rows].sum())
-    if progress is not None:
-      progress(done_docs, done_tokens)
-  return EncodedDocs(lengths=lengths.astype(np.int64),
-                     keys={l: a[0] for l, a in result.items()},
-                     values={l: a[1] for l, a in result.items()},
-                     routing_keys={l: a[2] for l, a in result.items()})
+  return stage1.encode_documents(model, tokens, lengths, dtype=dtype, batch_tokens=batch_tokens,
+                                 progress=progress, mesh=mesh, axis=MEMORY)
 
 
 def process_documents(lengths: np.ndarray, pooling_size: int, process_index: int | None = None,
