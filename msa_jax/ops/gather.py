@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from msa_jax.ops import _dispatch
 
 
-def _xla_gather(content, doc_offset, doc_count, selected, max_chunks):
+def xla_gather(content, doc_offset, doc_count, selected, max_chunks):
   c = content.shape[0]
   m = doc_offset.shape[0]
   b, k = selected.shape
@@ -59,5 +59,5 @@ def gather_doc_chunks(content: jax.Array, doc_offset: jax.Array, doc_count: jax.
     return block_gather(content, doc_offset, doc_count, selected, max_chunks=max_chunks,
                         config=pallas_config or BlockGatherConfig(),
                         interpret=_dispatch.interpret())
-  return _xla_gather(content, doc_offset.astype(jnp.int32), doc_count.astype(jnp.int32),
+  return xla_gather(content, doc_offset.astype(jnp.int32), doc_count.astype(jnp.int32),
                      selected.astype(jnp.int32), max_chunks)

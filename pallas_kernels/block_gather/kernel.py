@@ -168,17 +168,8 @@ def block_gather(content: jax.Array, doc_offset: jax.Array, doc_count: jax.Array
 
 def block_gather_reference(content: jax.Array, doc_offset: jax.Array, doc_count: jax.Array,
                            selected: jax.Array, *, max_chunks: int) -> tuple[jax.Array, jax.Array]:
-  """Plain-jnp reference: one clamped `take` of every slot's row, then the mask."""
-  c = content.shape[0]
-  m = doc_offset.shape[0]
-  b, k = selected.shape
-  ok = (selected >= 0) & (selected < m)
-  sel = jnp.clip(selected, 0, m - 1)
-  start = jnp.where(ok, doc_offset[sel], 0)  # B k
-  cnt = jnp.where(ok, jnp.minimum(doc_count[sel], max_chunks), 0)  # B k
-  i = jnp.arange(max_chunks)
-  rows = jnp.clip(start[:, :, None] + i, 0, c - 1).reshape(b, k * max_chunks)
-  mask = (i[None, None, :] < cnt[:, :, None]).reshape(b, k * max_chunks)
-  out = jnp.take(content, rows, axis=0)  # B k·Cmax K H
-  out = jnp.where(mask[:, :, None, None], out, jnp.zeros((), content.dtype))
-  return out, mask
+  """Plain-jnp reference: the XLA path of `msa_jax.ops.gather_doc_chunks` (one clamped `take` of
+  every slot's row, then the mask), so the kernel and the default path are checked as one."""
+  from msa_jax.ops.gather import xla_gather
+  return xla_gather(content, doc_offset.astype(jnp.int32), doc_count.astype(jnp.int32),
+                    selected.astype(jnp.int32), max_chunks)
