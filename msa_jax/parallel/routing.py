@@ -23,6 +23,7 @@ and a `psum` over the bit patterns (as unsigned integers: exact, unlike a float 
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -303,6 +304,8 @@ class ShardedHostContent:
 
   bank: MemoryBank
   counter: dict = dataclasses.field(default_factory=lambda: {"bytes": 0, "calls": 0})
+  # The shards' callbacks run on concurrent threads: the counter's updates take this lock.
+  lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
   @property
   def bytes_moved(self) -> int:
@@ -319,8 +322,9 @@ class ShardedHostContent:
       local = flat[ok] - base[int(np.asarray(shard).reshape(-1)[0])]
       k[ok] = np.asarray(keys[local])
       v[ok] = np.asarray(values[local])
-      self.counter["bytes"] += k[ok].nbytes + v[ok].nbytes
-    self.counter["calls"] += 1
+    with self.lock:
+      self.counter["bytes"] += int(ok.sum()) * (k.itemsize + v.itemsize) * int(np.prod(k.shape[1:]))
+      self.counter["calls"] += 1
     return k.reshape(shape), v.reshape(shape)
 
   def gather(self, layer, selected, index: ShardedRoutingIndex):
