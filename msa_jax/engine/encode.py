@@ -37,11 +37,14 @@ def _causal_valid_mask(lengths: jax.Array, length: int) -> jax.Array:
   return causal & valid[:, :, None] & valid[:, None, :]
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _encode_batch(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array,
-                  lengths: jax.Array) -> dict[int, tuple[jax.Array, jax.Array, jax.Array]]:
-  """tokens [b, L] (L a multiple of P), lengths [b] -> per router layer (K̄, V̄, K̄ᴿ) [b, C, K, H]."""
-  model: MSAForCausalLM = nnx.merge(graphdef, state)
+def pool_documents(model: MSAForCausalLM, tokens: jax.Array, lengths: jax.Array
+                   ) -> dict[int, tuple[jax.Array, jax.Array, jax.Array]]:
+  """tokens [b, L] (L a multiple of P), lengths [b] -> per router layer (K̄, V̄, K̄ᴿ) [b, C, K, H].
+
+  Pure and differentiable: the encoder of stage 1 and of the block-layout training forward.
+  Means are float32; K̄ᴿ is L2-normalised when the routing score is a cosine. Rows of length 0
+  have no valid chunk.
+  """
   cfg = model.cfg
   m = cfg.msa
   b, length = tokens.shape
@@ -65,6 +68,12 @@ def _encode_batch(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array,
     if i < last:
       x = layer.post(x, attention.attend(q, k, v, mask))
   return out
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _encode_batch(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array,
+                  lengths: jax.Array) -> dict[int, tuple[jax.Array, jax.Array, jax.Array]]:
+  return pool_documents(nnx.merge(graphdef, state), tokens, lengths)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

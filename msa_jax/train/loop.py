@@ -1,0 +1,239 @@
+"""The training loop: a jitted AdamW step, a phase schedule, Orbax checkpoints with exact resume.
+
+Resume is exact because nothing in a run depends on hidden iterator or RNG state: batch `s` is a
+pure function of (seed, s) (`batches.build`), the optimizer state holds the schedule's step count,
+and checkpoints store (params, optimizer state) at a step boundary. A run killed at any point
+continues from its last checkpoint and reproduces the uninterrupted run's parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from msa_jax.data.tokenizer import Tokenizer
+from msa_jax.nn.model import MSAForCausalLM
+from msa_jax.train import batches
+from msa_jax.train.forward import LossWeights, MemoryBatch, Metrics, loss_and_metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """A stretch of training with one loss weighting, peak learning rate and memory size.
+
+  The paper's schedule is a router warm-up (`0.1·LM + aux`) followed by the main phase
+  (`LM + 0.1·aux`); a curriculum over memory size is a sequence of phases with growing
+  `docs_per_example`.
+  """
+
+  steps: int
+  lr: float
+  lm_weight: float
+  aux_weight: float
+  docs_per_example: int
+  warmup: int = 0  # linear warm-up steps at the start of the phase
+  decay_to: float = 1.0  # cosine decay to lr·decay_to by the end of the phase
+
+
+def schedule(phases: Sequence[Phase]) -> optax.Schedule:
+  """The learning rate over all phases (optax counts optimizer updates)."""
+  parts, bounds, t = [], [], 0
+  for p in phases:
+    decay = optax.cosine_decay_schedule(p.lr, max(1, p.steps - p.warmup), alpha=p.decay_to)
+    part = (optax.join_schedules([optax.linear_schedule(0.0, p.lr, p.warmup), decay], [p.warmup])
+            if p.warmup else decay)
+    parts.append(part)
+    t += p.steps
+    bounds.append(t)
+  return optax.join_schedules(parts, bounds[:-1])
+
+
+def phase_at(phases: Sequence[Phase], step: int) -> Phase:
+  t = 0
+  for p in phases:
+    t += p.steps
+    if step < t:
+      return p
+  return phases[-1]
+
+
+def optimizer(phases: Sequence[Phase], *, clip_norm: float = 1.0, weight_decay: float = 0.01,
+              accumulate: int = 1) -> optax.GradientTransformation:
+  """Clipped AdamW on the phase schedule; `accumulate` > 1 sums gradients over that many batches."""
+  tx = optax.chain(optax.clip_by_global_norm(clip_norm),
+                   optax.adamw(schedule(phases), b1=0.9, b2=0.95, weight_decay=weight_decay))
+  return optax.MultiSteps(tx, accumulate) if accumulate > 1 else tx
+
+
+def _cast(tree, dtype):
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                      tree)
+
+
+def make_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation, *,
+              compute_dtype=jnp.float32) -> Callable:
+  """A jitted `(params, opt_state, batch, weights) -> (params, opt_state, metrics)`.
+
+  Master parameters stay float32; with compute_dtype=bfloat16 the forward and backward run on a
+  bf16 copy (logits, softmaxes, pooling and losses still accumulate in float32).
+  """
+
+  def loss_fn(params, batch, weights):
+    p = _cast(params, compute_dtype) if compute_dtype != jnp.float32 else params
+    return loss_and_metrics(graphdef, (p, rest), batch, weights)
+
+  @jax.jit
+  def step(params, opt_state, batch: MemoryBatch, weights: LossWeights):
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, weights)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, metrics
+
+  return step
+
+
+def make_eval(graphdef: nnx.GraphDef, rest: nnx.State) -> Callable:
+  @jax.jit
+  def evaluate(params, batch: MemoryBatch, weights: LossWeights) -> Metrics:
+    return loss_and_metrics(graphdef, (params, rest), batch, weights)[1]
+  return evaluate
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Everything besides the model that decides a run."""
+
+  phases: tuple[Phase, ...]
+  batch: batches.BatchSpec  # docs_per_example is overridden by each phase
+  clip_norm: float = 1.0
+  weight_decay: float = 0.01
+  accumulate: int = 1
+  bf16: bool = False
+  log_every: int = 10
+  eval_every: int = 100
+  eval_batches: int = 2
+  checkpoint_every: int = 50
+  keep_checkpoints: int = 2
+
+  @property
+  def total_steps(self) -> int:
+    return sum(p.steps for p in self.phases) * self.accumulate
+
+
+class Checkpoints:
+  """Orbax `CheckpointManager` over (params, opt_state) as plain pytrees, saved synchronously."""
+
+  def __init__(self, directory: str, keep: int):
+    self.manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=False))
+
+  def latest(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, params, opt_state) -> None:
+    self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                    opt_state=ocp.args.StandardSave(opt_state)))
+    self.manager.wait_until_finished()
+
+  def restore(self, step: int, params, opt_state):
+    abstract = lambda t: jax.tree.map(ocp.utils.to_shape_dtype_struct, t)
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract(params)),
+        opt_state=ocp.args.StandardRestore(abstract(opt_state))))
+    return out["params"], out["opt_state"]
+
+  def close(self):
+    self.manager.close()
+
+
+def _scalars(m: Metrics) -> dict[str, float]:
+  return {f.name: float(getattr(m, f.name)) for f in dataclasses.fields(m)}
+
+
+def train(model: MSAForCausalLM, tok: Tokenizer, run: RunConfig, workdir: str, *,
+          eval_spec: batches.BatchSpec | None = None, stop_after: int | None = None,
+          log: Callable[[str], None] = print) -> MSAForCausalLM:
+  """Trains `model` in place of a copy and returns the trained model.
+
+  workdir gets `checkpoints/` (Orbax), `metrics.jsonl` (one JSON object per logged step; eval
+  rows have "split": "test") and TensorBoard event files under `tb/`. If checkpoints exist, the
+  run resumes from the latest one. stop_after: return after that many optimizer-step calls
+  in this invocation (for tests of interruption).
+  """
+  from tensorboardX import SummaryWriter
+
+  os.makedirs(workdir, exist_ok=True)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = optimizer(run.phases, clip_norm=run.clip_norm, weight_decay=run.weight_decay,
+                 accumulate=run.accumulate)
+  opt_state = tx.init(params)
+  ckpt = Checkpoints(os.path.join(workdir, "checkpoints"), run.keep_checkpoints)
+  start = 0
+  if (latest := ckpt.latest()) is not None:
+    params, opt_state = ckpt.restore(latest, params, opt_state)
+    start = latest
+    log(f"resumed from step {latest}")
+  step_fn = make_step(graphdef, rest, tx, compute_dtype=jnp.bfloat16 if run.bf16 else jnp.float32)
+  eval_fn = make_eval(graphdef, rest)
+  writer = SummaryWriter(os.path.join(workdir, "tb"))
+  sched = schedule(run.phases)
+  total = run.total_steps
+  t_last, tokens_since, rows_since, calls = time.time(), 0.0, 0, 0
+  with open(os.path.join(workdir, "metrics.jsonl"), "a") as out:
+    for s in range(start, total):
+      update = s // run.accumulate
+      phase = phase_at(run.phases, update)
+      spec = dataclasses.replace(run.batch, docs_per_example=phase.docs_per_example)
+      batch, _ = batches.build(tok, spec, s)
+      weights = LossWeights.of(phase.lm_weight, phase.aux_weight)
+      params, opt_state, metrics = step_fn(params, opt_state, batch, weights)
+      calls += 1
+      tokens_since += float(batch.mask.sum()) + float(batch.doc_lengths.sum())
+      rows_since += spec.rows
+      done = s + 1
+      if done % run.log_every == 0 or done == total:
+        dt = time.time() - t_last
+        row = {"step": done, "split": "train", "lr": float(sched(update)),
+               "docs_per_example": phase.docs_per_example, "tokens_per_s": tokens_since / dt,
+               "rows_per_s": rows_since / dt, "time": time.time(), **_scalars(metrics)}
+        out.write(json.dumps(row) + "\n")
+        out.flush()
+        for k, v in row.items():
+          if isinstance(v, float) and k != "time":
+            writer.add_scalar(f"train/{k}", v, done)
+        log(f"step {done}/{total} loss {row['loss']:.4f} lm {row['lm_loss']:.4f} "
+            f"aux {row['aux_loss']:.4f} recall {row['recall']:.3f} exact {row['exact']:.3f} "
+            f"lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s")
+        t_last, tokens_since, rows_since = time.time(), 0.0, 0
+      if eval_spec is not None and (done % run.eval_every == 0 or done == total):
+        es = dataclasses.replace(eval_spec, docs_per_example=phase.docs_per_example)
+        ms = [_scalars(eval_fn(params, batches.build(tok, es, i)[0], weights))
+              for i in range(run.eval_batches)]
+        row = {"step": done, "split": "test",
+               **{k: float(np.mean([m[k] for m in ms])) for k in ms[0]}}
+        out.write(json.dumps(row) + "\n")
+        out.flush()
+        for k, v in row.items():
+          if isinstance(v, float):
+            writer.add_scalar(f"test/{k}", v, done)
+        log(f"  eval step {done}: lm {row['lm_loss']:.4f} recall {row['recall']:.3f} "
+            f"token_acc {row['token_accuracy']:.3f} exact {row['exact']:.3f}")
+      if done % run.checkpoint_every == 0 or done == total:
+        ckpt.save(done, params, opt_state)
+      if stop_after is not None and calls >= stop_after:
+        break
+  writer.close()
+  ckpt.close()
+  nnx.update(model, params)
+  return model

@@ -1,0 +1,49 @@
+"""A training run from a config (an `ml_collections.ConfigDict` as in experiments/configs)."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from msa_jax.config import MSAConfig, ModelConfig
+from msa_jax.data.text import Split
+from msa_jax.data.tokenizer import ByteTokenizer
+from msa_jax.interop import hf
+from msa_jax.nn.model import MSAForCausalLM, from_params
+from msa_jax.train import batches, loop
+
+
+def model_config(c) -> ModelConfig:
+  return ModelConfig(**dict(c.model), msa=MSAConfig(**{**dict(c.msa),
+                                                       "router_layers": tuple(c.msa.router_layers)}))
+
+
+def run_config(c, cfg: ModelConfig) -> tuple[loop.RunConfig, batches.BatchSpec]:
+  d = c.data
+  spec = batches.BatchSpec(
+      tasks=batches.TaskMix.parse(d.tasks), rows=d.rows, docs_per_example=c.phases[0]["docs_per_example"],
+      doc_chars=d.doc_chars, doc_len=batches.doc_len_for(d.doc_chars, cfg.msa.pooling_size),
+      answer_fraction=d.answer_fraction, top_k=cfg.msa.top_k_docs, id_digits=tuple(d.id_digits),
+      seed=d.seed, split=Split.TRAIN)
+  run = loop.RunConfig(phases=tuple(loop.Phase(**dict(p)) for p in c.phases), batch=spec,
+                       **dict(c.train))
+  return run, spec
+
+
+def run(c, workdir: str, *, stop_after: int | None = None,
+        log: Callable[[str], None] = print) -> MSAForCausalLM:
+  """Trains (or resumes) and, when the run is complete, exports `<workdir>/model`."""
+  cfg = model_config(c)
+  model = from_params(cfg, hf.init_params(cfg, c.init_seed))
+  run_cfg, spec = run_config(c, cfg)
+  eval_spec = batches.BatchSpec(**{**spec.__dict__, "split": Split.TEST})
+  model = loop.train(model, ByteTokenizer(), run_cfg, workdir, eval_spec=eval_spec,
+                     stop_after=stop_after, log=log)
+  ckpts = loop.Checkpoints(os.path.join(workdir, "checkpoints"), run_cfg.keep_checkpoints)
+  finished = ckpts.latest() == run_cfg.total_steps
+  ckpts.close()
+  if finished:
+    from flax import nnx
+    hf.save_checkpoint(os.path.join(workdir, "model"), cfg, nnx.to_pure_dict(nnx.state(model)))
+    log(f"exported {os.path.join(workdir, 'model')}")
+  return model
