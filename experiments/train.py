@@ -25,9 +25,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  recipe.run(_CONFIG.value, _WORKDIR.value, stop_after=_STOP_AFTER.value, log=logging.info)
+  recipe.run(_CONFIG.value, _WORKDIR.value, stop_after=_STOP_AFTER.value,
+             log=lambda s: print(s, flush=True))
 
 
 if __name__ == "__main__":
-  logging.set_verbosity(logging.INFO)
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint operation at INFO
   app.run(main)

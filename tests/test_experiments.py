@@ -17,3 +17,50 @@ def test_official_parity_binary_writes_json(tmp_path):
   for rows in results.values():
     assert rows["selected_docs_L2"] == "identical" and rows["selected_docs_L3"] == "identical"
     assert float(rows["logits"].split()[-1]) < 1e-5
+
+
+# --- training ------------------------------------------------------------------------------------
+
+TRAIN = [sys.executable, str(ROOT / "experiments" / "train.py"),
+         f"--config={ROOT / 'experiments' / 'configs' / 'tiny.py'}"]
+
+
+def _finished_steps(workdir):
+  ckpts = workdir / "checkpoints"
+  return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.exists() else []
+
+
+def test_train_binary_writes_metrics_events_checkpoints_and_model(tmp_path):
+  from msa_jax.interop import hf
+  subprocess.run(TRAIN + [f"--workdir={tmp_path}"], check=True, capture_output=True, timeout=600)
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  train = [r for r in rows if r["split"] == "train"]
+  assert [r["step"] for r in train] == [2, 4, 6]
+  assert all(r["tokens_per_s"] > 0 and r["loss"] > 0 for r in train)
+  assert any(r["split"] == "test" for r in rows)
+  assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+  assert _finished_steps(tmp_path)[-1] == 6
+  cfg, params = hf.load_checkpoint(tmp_path / "model")
+  assert cfg.msa.router_layers == (2, 3) and cfg.hidden_size == 32
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_same_parameters(tmp_path):
+  import os
+  import signal
+  import time
+  whole, killed = tmp_path / "whole", tmp_path / "killed"
+  subprocess.run(TRAIN + [f"--workdir={whole}"], check=True, capture_output=True, timeout=600)
+  proc = subprocess.Popen(TRAIN + [f"--workdir={killed}"], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not _finished_steps(killed) and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.05)
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert not (killed / "model").exists(), "the run finished before it could be killed"
+  assert _finished_steps(killed)[-1] < 6
+  out = subprocess.run(TRAIN + [f"--workdir={killed}"], check=True, capture_output=True,
+                       text=True, timeout=600)
+  assert "resumed from step" in out.stdout
+  assert ((killed / "model" / "model.safetensors").read_bytes()
+          == (whole / "model" / "model.safetensors").read_bytes())

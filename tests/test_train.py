@@ -1,0 +1,229 @@
+"""Training: the block-layout forward is the training path, the loss trains, batches are the spec."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from msa_jax import forward as packed
+from msa_jax.config import ModelConfig, MSAConfig, RoutingScore
+from msa_jax.data import niah, render
+from msa_jax.data.text import Split
+from msa_jax.data.tokenizer import ByteTokenizer, Special
+from msa_jax.interop import hf
+from msa_jax.math import roles
+from msa_jax.nn.model import from_params
+from msa_jax.train import batches, loop
+from msa_jax.train.forward import LossWeights, MemoryBatch, loss_and_metrics, memory_forward
+
+TOK = ByteTokenizer()
+
+
+def small_model(decouple=True, k=2, seed=0):
+  cfg = ModelConfig(vocab_size=TOK.vocab_size, hidden_size=32, intermediate_size=48, num_layers=3,
+                    num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=10000.0,
+                    msa=MSAConfig(top_k_docs=k, pooling_size=4, router_layers=(1, 2),
+                                  decouple_router=decouple,
+                                  routing_score=RoutingScore.COSINE if decouple
+                                  else RoutingScore.SCALED_COSINE))
+  params = hf.init_params(cfg, seed)
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(lambda p: jnp.asarray(rng.normal(0, 0.3, np.shape(p)), jnp.float32)
+                        if np.ndim(p) >= 1 else p, params)
+  return from_params(cfg, params)
+
+
+def random_memory_batch(lengths, active_roles, *, shared=False, seed=0, width=12):
+  """lengths [Bd, M] (0 = empty slot), active roles [B, A] (None = padding)."""
+  rng = np.random.default_rng(seed)
+  lengths = np.asarray(lengths)
+  b, a = len(active_roles), max(len(r) for r in active_roles)
+  mask = np.array([[1] * len(r) + [0] * (a - len(r)) for r in active_roles])
+  role = np.array([list(r) + [-1] * (a - len(r)) for r in active_roles])
+  labels = np.where((role == roles.ACTIVE) & (mask > 0), rng.integers(1, 200, (b, a)), -100)
+  m = lengths.shape[1]
+  aux = np.zeros((b, m), int)
+  for r in range(b):
+    present = np.flatnonzero(np.broadcast_to(lengths, (b, m))[r] > 0)
+    aux[r, rng.choice(present)] = 1
+  aux[np.broadcast_to(lengths, (b, m)) == 0] = -1
+  return MemoryBatch.from_arrays(dict(
+      doc_tokens=rng.integers(1, 200, (lengths.shape[0], m, width)), doc_lengths=lengths,
+      input_ids=rng.integers(1, 200, (b, a)), roles=role, mask=mask,
+      positions=np.arange(a)[None].repeat(b, 0) + 3, labels=labels, aux_labels=aux))
+
+
+CASES = {
+    # partial chunks, a one-token document, an empty trailing slot, padding in the active part
+    "awkward": ([[1, 4, 5, 9, 0], [3, 12, 2, 7, 0]], [[0, 0, 0, -1, -1, -1, -1], [0, 0, -1, -1, -2]]),
+    "one_document": ([[6]], [[0, 0, -1, -1]]),
+    "k_exceeds_documents": ([[3, 2]], [[0, -1, -1, -1], [0, 0, 0, -1]]),  # k=3 > 2 documents
+    "shared_memory": ([[5, 8, 1, 12]], [[0, 0, -1, -1], [0, -1, -1, -1], [-2, 0, 0, -1]]),
+}
+
+
+@pytest.mark.parametrize("decouple", [True, False])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_block_forward_equals_the_packed_training_forward(case, decouple):
+  lengths, active = CASES[case]
+  model = small_model(decouple, k=3 if case == "k_exceeds_documents" else 2)
+  batch = random_memory_batch(lengths, active, seed=len(case))
+  gd, st = nnx.split(model)
+  logits, routed = memory_forward(gd, st, batch)
+  ref = packed.run(model, batch.to_packed())
+  mask = np.asarray(batch.mask)
+  pmask = np.asarray(ref.logits.shape)
+  for r in range(mask.shape[0]):
+    n, total = mask[r].sum(), int(np.asarray(batch.to_packed().attention_mask)[r].sum())
+    np.testing.assert_allclose(np.asarray(logits)[r, :n], np.asarray(ref.logits)[r, total - n:total],
+                               atol=2e-5, rtol=0)
+  for l, r in routed.items():
+    width = ref.doc_scores[l].shape[1]
+    np.testing.assert_allclose(np.asarray(r.doc_scores)[:, :width], np.asarray(ref.doc_scores[l]),
+                               atol=1e-5)
+    assert np.all(np.isneginf(np.asarray(r.doc_scores)[:, width:]))
+    np.testing.assert_array_equal(np.asarray(r.selected), np.asarray(ref.selected[l]))
+  del pmask
+
+
+def test_block_loss_equals_the_packed_losses():
+  lengths, active = CASES["awkward"]
+  model = small_model()
+  batch = random_memory_batch(lengths, active, seed=3)
+  gd, st = nnx.split(model)
+  m = model.cfg.msa
+  loss, metrics = loss_and_metrics(gd, st, batch, LossWeights.of(m.lm_weight, m.aux_weight))
+  ref = packed.run(model, batch.to_packed()).losses
+  np.testing.assert_allclose(float(metrics.lm_loss), float(ref.lm_loss), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics.aux_loss), float(ref.aux_loss), rtol=1e-5)
+  np.testing.assert_allclose(float(loss), float(ref.loss), rtol=1e-5)
+
+
+def _infonce64(scores, positive, tau):
+  s = np.asarray(scores, np.float64)
+  present = np.isfinite(s)
+  z = np.where(present, s / tau, -np.inf)
+  logp = z - np.log(np.sum(np.exp(z[present] - z[present].max()))) - z[present].max()
+  return -np.sum(logp[positive & present]) / max(1, np.sum(positive & present))
+
+
+def test_aux_loss_matches_float64_and_rises_when_the_positive_scores_lower():
+  lengths, active = [[4, 9, 7, 3, 5]], [[0, 0, 0, -1, -1]]
+  model = small_model()
+  batch = random_memory_batch(lengths, active, seed=5)
+  gd, st = nnx.split(model)
+  w = LossWeights.of(0.0, 1.0)
+  _, routed = memory_forward(gd, st, batch)
+  tau = float(model.temperature[...])
+  scores = {l: np.asarray(r.doc_scores)[0, 1:] for l, r in routed.items()}
+  layers = model.cfg.aux_loss_layers
+  losses = {}
+  for name, pick in (("best", np.argmax), ("worst", np.argmin)):
+    pos = pick(np.mean([scores[l] for l in layers], axis=0))
+    aux = np.zeros((1, 5), int)
+    aux[0, pos] = 1
+    b = batch.replace(aux_labels=jnp.asarray(aux))
+    _, metrics = loss_and_metrics(gd, st, b, w)
+    want = np.mean([_infonce64(scores[l], aux[0] > 0, tau) for l in layers])
+    np.testing.assert_allclose(float(metrics.aux_loss), want, rtol=1e-5)
+    losses[name] = float(metrics.aux_loss)
+  assert losses["worst"] > losses["best"]
+
+
+def test_a_few_adamw_steps_reduce_the_loss_on_a_fixed_batch():
+  model = small_model()
+  batch = random_memory_batch(*CASES["awkward"], seed=7)
+  gd, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = loop.optimizer([loop.Phase(steps=20, lr=3e-3, lm_weight=1.0, aux_weight=1.0,
+                                  docs_per_example=1)])
+  step = loop.make_step(gd, rest, tx)
+  opt_state = tx.init(params)
+  w = LossWeights.of(1.0, 1.0)
+  first = None
+  for _ in range(20):
+    params, opt_state, metrics = step(params, opt_state, batch, w)
+    first = float(metrics.loss) if first is None else first
+  _, final = loss_and_metrics(gd, (params, rest), batch, w)
+  assert float(final.loss) < 0.7 * first
+  assert float(final.aux_loss) < float(loss_and_metrics(gd, nnx.split(model)[1], batch, w)[1].aux_loss)
+
+
+def test_schedule_follows_the_phases():
+  phases = [loop.Phase(steps=10, lr=1e-3, lm_weight=0.1, aux_weight=1.0, docs_per_example=2,
+                       warmup=4),
+            loop.Phase(steps=10, lr=5e-4, lm_weight=1.0, aux_weight=0.1, docs_per_example=3,
+                       decay_to=0.1)]
+  s = loop.schedule(phases)
+  np.testing.assert_allclose([float(s(0)), float(s(2)), float(s(4))], [0.0, 5e-4, 1e-3], rtol=1e-6)
+  np.testing.assert_allclose(float(s(10)), 5e-4, rtol=1e-6)
+  np.testing.assert_allclose(float(s(20)), 5e-5, rtol=1e-5)
+  assert loop.phase_at(phases, 9).docs_per_example == 2
+  assert loop.phase_at(phases, 10).aux_weight == 0.1
+
+
+# --- batches ------------------------------------------------------------------------------------
+
+SPEC = batches.BatchSpec(tasks=batches.TaskMix.parse("niah_single_1,niah_multivalue,niah_multiquery"),
+                         rows=4, docs_per_example=3, doc_chars=120,
+                         doc_len=batches.doc_len_for(120, 8), top_k=4, seed=3)
+
+
+def test_batches_are_a_pure_function_of_the_step():
+  a, info_a = batches.build(TOK, SPEC, 5)
+  b, info_b = batches.build(TOK, SPEC, 5)
+  c, _ = batches.build(TOK, SPEC, 6)
+  assert info_a == info_b
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert not np.array_equal(np.asarray(a.doc_tokens), np.asarray(c.doc_tokens))
+
+
+@pytest.mark.parametrize("step", range(6))
+def test_a_batch_row_is_one_retrieval_step_in_the_msa_format(step):
+  batch, info = batches.build(TOK, SPEC, step)
+  docs = [TOK.decode(np.asarray(batch.doc_tokens)[0, j, :n])
+          for j, n in enumerate(np.asarray(batch.doc_lengths)[0])]
+  for d in docs:
+    assert d.startswith("<|im_start|>[") and d.endswith("]<|im_end|>")
+  ids = [int(d[len("<|im_start|>["):d.index("]")]) for d in docs]
+  assert len(set(ids)) == len(ids)
+  for r, kind in enumerate(info["kinds"]):
+    n = int(np.asarray(batch.mask)[r].sum())
+    text = TOK.decode(np.asarray(batch.input_ids)[r, :n])
+    labels = np.asarray(batch.labels)[r, :n]
+    target = TOK.decode(labels[labels >= 0])
+    gold = [ids[j] for j in np.flatnonzero(np.asarray(batch.aux_labels)[r] > 0)]
+    if kind == "route":
+      # The target is the gold documents' ids and the delimiter; nothing else is labelled.
+      assert target == render.ids_text(gold)
+      assert text.endswith(target)
+    else:
+      assert target.startswith("<End-of-Retrieve>The answer to the question is: ")
+      assert target.endswith("<|im_end|>")
+      for i in gold:  # every gold document's text was appended
+        assert f"[{i}]. " in text
+      # the answer values are in the appended text
+      answer = target[len("<End-of-Retrieve>The answer to the question is: "):-len("<|im_end|>")]
+      for value in answer.replace(", and ", ", ").split(", "):
+        assert value in text
+    # positions start at top_k and increase by one; question tokens route
+    pos = np.asarray(batch.positions)[r, :n]
+    np.testing.assert_array_equal(pos, SPEC.top_k + np.arange(n))
+    assert np.asarray(batch.roles)[r, 0] == roles.QUERY
+
+
+def test_train_and_test_batches_do_not_share_needles():
+  test_spec = dataclasses.replace(SPEC, split=Split.TEST)
+  def needles(spec):
+    out = set()
+    for s in range(4):
+      b, _ = batches.build(TOK, spec, s)
+      for j, n in enumerate(np.asarray(b.doc_lengths)[0]):
+        text = TOK.decode(np.asarray(b.doc_tokens)[0, j, :n])
+        out |= {part.split(" is: ")[1][:7] for part in text.split("magic numbers for ")[1:]}
+    return out
+  assert needles(SPEC) and not needles(SPEC) & needles(test_spec)
