@@ -42,6 +42,15 @@ def test_train_binary_writes_metrics_events_checkpoints_and_model(tmp_path):
   assert _finished_steps(tmp_path)[-1] == 6
   cfg, params = hf.load_checkpoint(tmp_path / "model")
   assert cfg.msa.router_layers == (2, 3) and cfg.hidden_size == 32
+  # The evaluation binary runs the exported model end to end through the engine.
+  out = tmp_path / "eval.json"
+  subprocess.run([sys.executable, str(ROOT / "experiments" / "eval_niah.py"),
+                  f"--model={tmp_path / 'model'}", "--tasks=niah_single_1,niah_multivalue",
+                  "--examples=2", f"--output={out}"], check=True, capture_output=True, timeout=600)
+  result = json.loads(out.read_text())
+  assert [r["task"] for r in result["tasks"]] == ["niah_single_1", "niah_multivalue"]
+  for r in result["tasks"]:
+    assert r["n"] == 2 and 0 <= r["accuracy"] <= 1 and 0 <= r["recall"] <= 1
 
 
 def test_a_run_killed_with_sigkill_resumes_to_the_same_parameters(tmp_path):

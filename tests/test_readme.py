@@ -25,3 +25,14 @@ def test_readme_math_example_runs():
   assert scope["counts"].tolist() == [[4, 4, 2], [4, 1, 0], [1, 0, 0]]
   assert scope["docs"].shape == (1, 4) and scope["ids"].shape == (1, 2)
   assert set(scope["ids"][0].tolist()) <= {1, 2, 3}
+
+
+def test_readme_training_data_example_runs(capsys):
+  blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+  example = next(b for b in blocks if "batches.build" in b)
+  scope = {}
+  exec(compile(example, "README.md", "exec"), scope)
+  ex, batch = scope["ex"], scope["batch"]
+  assert ex.answer_text in ex.docs[ex.gold[0]]
+  assert batch.doc_tokens.shape[:2] == (1, 8) and batch.input_ids.shape[0] == 2
+  assert ex.answer_text in capsys.readouterr().out

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Callable
+
+from flax import nnx
 
 from msa_jax.config import MSAConfig, ModelConfig
 from msa_jax.data.text import Split
@@ -43,7 +46,20 @@ def run(c, workdir: str, *, stop_after: int | None = None,
   finished = ckpts.latest() == run_cfg.total_steps
   ckpts.close()
   if finished:
-    from flax import nnx
-    hf.save_checkpoint(os.path.join(workdir, "model"), cfg, nnx.to_pure_dict(nnx.state(model)))
+    export(c, model, os.path.join(workdir, "model"))
     log(f"exported {os.path.join(workdir, 'model')}")
   return model
+
+
+def export(c, model: MSAForCausalLM, directory: str) -> None:
+  """The HF checkpoint plus `training.json`: the memory layout the model was trained on."""
+  hf.save_checkpoint(directory, model.cfg, nnx.to_pure_dict(nnx.state(model)))
+  info = {"data": {"doc_chars": c.data.doc_chars,
+                   "docs_per_example": c.phases[-1]["docs_per_example"],
+                   "examples_per_memory": c.data.rows, "id_digits": list(c.data.id_digits),
+                   "tasks": c.data.tasks},
+          "phases": [dict(p) for p in c.phases], "init_seed": c.init_seed}
+  tmp = os.path.join(directory, ".training.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(info, f, indent=2)
+  os.replace(tmp, os.path.join(directory, "training.json"))
