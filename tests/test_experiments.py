@@ -42,6 +42,11 @@ def test_train_binary_writes_metrics_events_checkpoints_and_model(tmp_path):
   assert _finished_steps(tmp_path)[-1] == 6
   cfg, params = hf.load_checkpoint(tmp_path / "model")
   assert cfg.msa.router_layers == (2, 3) and cfg.hidden_size == 32
+  png = tmp_path / "curves.png"
+  subprocess.run([sys.executable, str(ROOT / "experiments" / "plot_training.py"),
+                  f"--workdir={tmp_path}", f"--output={png}"], check=True, capture_output=True,
+                 timeout=300)
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   # The evaluation binary runs the exported model end to end through the engine.
   out = tmp_path / "eval.json"
   subprocess.run([sys.executable, str(ROOT / "experiments" / "eval_niah.py"),
