@@ -101,6 +101,15 @@ def test_block_loss_equals_the_packed_losses():
   np.testing.assert_allclose(float(metrics.lm_loss), float(ref.lm_loss), rtol=1e-5)
   np.testing.assert_allclose(float(metrics.aux_loss), float(ref.aux_loss), rtol=1e-5)
   np.testing.assert_allclose(float(loss), float(ref.loss), rtol=1e-5)
+  # The answer loss is the LM loss restricted to the answer labels.
+  labels = np.asarray(batch.labels)
+  answer = np.where(np.arange(labels.shape[1]) >= 5, labels, -100)
+  with_answer = batch.replace(answer_labels=jnp.asarray(answer))
+  total, m2 = loss_and_metrics(gd, st, with_answer, LossWeights.of(0.0, 0.0, 1.0))
+  only = batch.replace(labels=jnp.asarray(answer))
+  _, m3 = loss_and_metrics(gd, st, only, LossWeights.of(1.0, 0.0))
+  np.testing.assert_allclose(float(total), float(m3.lm_loss), rtol=1e-6)
+  assert float(m2.answer_loss) > 0
 
 
 def _infonce64(scores, positive, tau):
@@ -200,6 +209,7 @@ def test_a_batch_row_is_one_retrieval_step_in_the_msa_format(step):
     if kind == "route":
       # The target is the gold documents' ids and the delimiter; nothing else is labelled.
       assert target == render.ids_text(gold)
+      assert np.all(np.asarray(batch.answer_labels)[r] < 0)
       assert text.endswith(target)
     else:
       assert target.startswith("<End-of-Retrieve>The answer to the question is: ")
@@ -207,6 +217,8 @@ def test_a_batch_row_is_one_retrieval_step_in_the_msa_format(step):
       for i in gold:  # every gold document's text was appended
         assert f"[{i}]. " in text
       # the answer values are in the appended text
+      answer_labels = np.asarray(batch.answer_labels)[r, :n]
+      assert "<End-of-Retrieve>" + TOK.decode(answer_labels[answer_labels >= 0]) == target
       answer = target[len("<End-of-Retrieve>The answer to the question is: "):-len("<|im_end|>")]
       for value in answer.replace(", and ", ", ").split(", "):
         assert value in text

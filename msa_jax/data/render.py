@@ -66,20 +66,29 @@ def answer_text(answer: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Active:
-  """Active tokens of one sample: ids, roles (0 routes, -1 not) and labelled [A] (bool)."""
+  """Active tokens of one sample: ids, roles (0 routes, -1 not), labelled and answer [A] (bool).
+
+  `answer` marks the answer sentence (the tokens of SPEC §7's answer loss).
+  """
 
   ids: np.ndarray
   roles: np.ndarray
   labelled: np.ndarray
+  answer: np.ndarray | None = None
+
+  def __post_init__(self):
+    if self.answer is None:
+      object.__setattr__(self, "answer", np.zeros(self.ids.size, bool))
 
   def __add__(self, other: "Active") -> "Active":
-    return Active(np.concatenate([self.ids, other.ids]), np.concatenate([self.roles, other.roles]),
-                  np.concatenate([self.labelled, other.labelled]))
+    return Active(*(np.concatenate([getattr(self, f), getattr(other, f)])
+                    for f in ("ids", "roles", "labelled", "answer")))
 
 
-def _part(tok: Tokenizer, text: str, role: int, labelled: bool) -> Active:
+def _part(tok: Tokenizer, text: str, role: int, labelled: bool, answer: bool = False) -> Active:
   ids = tok.encode(text).astype(np.int32)
-  return Active(ids, np.full(ids.size, role, np.int32), np.full(ids.size, labelled))
+  return Active(ids, np.full(ids.size, role, np.int32), np.full(ids.size, labelled),
+                np.full(ids.size, answer))
 
 
 def prompt(tok: Tokenizer, question: str) -> Active:
@@ -98,7 +107,7 @@ def final(tok: Tokenizer, question: str, answer: str) -> Active:
   """End of retrieval, the restated question (injected) and the answer."""
   return (_part(tok, "<End-of-Retrieve>", roles.ACTIVE, True)
           + _part(tok, restate_text(question), roles.ACTIVE, False)
-          + _part(tok, answer_text(answer), roles.ACTIVE, True))
+          + _part(tok, answer_text(answer), roles.ACTIVE, True, answer=True))
 
 
 def training_active(tok: Tokenizer, question: str, answer: str, rounds: list[tuple[list[int], list[str]]],
@@ -119,6 +128,11 @@ def training_active(tok: Tokenizer, question: str, answer: str, rounds: list[tup
 def labels_of(active: Active) -> np.ndarray:
   """HF-style labels [A]: the token itself where labelled, else -100."""
   return np.where(active.labelled, active.ids, IGNORE_INDEX).astype(np.int32)
+
+
+def answer_labels_of(active: Active) -> np.ndarray:
+  """HF-style labels [A] of the answer sentence only (the answer loss)."""
+  return np.where(active.labelled & active.answer, active.ids, IGNORE_INDEX).astype(np.int32)
 
 
 def render_docs(tok: Tokenizer, doc_ids, texts) -> list[np.ndarray]:

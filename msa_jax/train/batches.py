@@ -140,13 +140,15 @@ def build(tok: Tokenizer, spec: BatchSpec, step: int) -> tuple[MemoryBatch, dict
   arrays = dict(input_ids=np.full((spec.rows, a), pad, np.int32),
                 roles=np.full((spec.rows, a), -1, np.int32),
                 positions=np.zeros((spec.rows, a), np.int32), mask=np.zeros((spec.rows, a), np.int32),
-                labels=np.full((spec.rows, a), IGNORE_INDEX, np.int32))
+                labels=np.full((spec.rows, a), IGNORE_INDEX, np.int32),
+                answer_labels=np.full((spec.rows, a), IGNORE_INDEX, np.int32))
   for r, act in enumerate(actives):
     n = act.ids.size
     arrays["input_ids"][r, :n], arrays["roles"][r, :n] = act.ids, act.roles
     arrays["positions"][r, :n] = spec.top_k + np.arange(n)
     arrays["mask"][r, :n] = 1
     arrays["labels"][r, :n] = render.labels_of(act)
+    arrays["answer_labels"][r, :n] = render.answer_labels_of(act)
   batch = MemoryBatch.from_arrays(dict(doc_tokens=doc_tokens, doc_lengths=doc_lengths,
                                        aux_labels=aux, **arrays))
   return batch, {"tasks": names, "kinds": [k.value for k in kinds]}

@@ -31,6 +31,7 @@ class MemoryBatch:
   after all documents; mask 0 = padding.
   labels [B, A]: HF-style targets (labels[t] is predicted at t-1; -100 = ignore).
   aux_labels [B, M]: multi-hot positives per document slot (-1 or 0 elsewhere).
+  answer_labels [B, A]: labels of the answer sentence only (SPEC §7's answer loss); optional.
   """
 
   doc_tokens: jax.Array
@@ -41,10 +42,14 @@ class MemoryBatch:
   mask: jax.Array
   labels: jax.Array
   aux_labels: jax.Array
+  answer_labels: jax.Array | None = None
 
   @classmethod
   def from_arrays(cls, arrays) -> "MemoryBatch":
-    a = {f.name: np.asarray(arrays[f.name]) for f in cls.__dataclass_fields__.values()}
+    a = {f: np.asarray(arrays[f]) for f in cls.__dataclass_fields__ if f in arrays}
+    missing = [f for f in cls.__dataclass_fields__ if f not in a and f != "answer_labels"]
+    if missing:
+      raise packed.BatchError(f"memory batch lacks arrays {missing}")
     bd, m, length = a["doc_tokens"].shape
     shape = a["input_ids"].shape
     if bd not in (1, shape[0]) or a["doc_lengths"].shape != (bd, m):
@@ -52,8 +57,8 @@ class MemoryBatch:
                               f"{a['doc_tokens'].shape} and {a['doc_lengths'].shape} for B={shape[0]}")
     if a["aux_labels"].shape != (shape[0], m):
       raise packed.BatchError(f"aux_labels must be [B, M] = {(shape[0], m)}")
-    for n in ("roles", "positions", "mask", "labels"):
-      if a[n].shape != shape:
+    for n in ("roles", "positions", "mask", "labels", "answer_labels"):
+      if n in a and a[n].shape != shape:
         raise packed.BatchError(f"{n} has shape {a[n].shape}, expected {shape}")
     if np.any(a["doc_lengths"] > length) or np.any(a["doc_lengths"] < 0):
       raise packed.BatchError(f"doc_lengths must lie in 0..{length}")
@@ -152,10 +157,11 @@ class LossWeights:
 
   lm: jax.Array
   aux: jax.Array
+  answer: jax.Array
 
   @classmethod
-  def of(cls, lm: float, aux: float) -> "LossWeights":
-    return cls(lm=jnp.asarray(lm, jnp.float32), aux=jnp.asarray(aux, jnp.float32))
+  def of(cls, lm: float, aux: float, answer: float = 0.0) -> "LossWeights":
+    return cls(*(jnp.asarray(w, jnp.float32) for w in (lm, aux, answer)))
 
 
 @struct.dataclass
@@ -163,6 +169,7 @@ class Metrics:
   loss: jax.Array
   lm_loss: jax.Array
   aux_loss: jax.Array
+  answer_loss: jax.Array
   tokens: jax.Array  # labelled tokens in the batch
   recall: jax.Array  # fraction of positive documents selected, mean over router layers and rows
   token_accuracy: jax.Array  # argmax == label over labelled tokens
@@ -171,7 +178,7 @@ class Metrics:
 
 def loss_and_metrics(graphdef: nnx.GraphDef, state, batch: MemoryBatch,
                      weights: LossWeights) -> tuple[jax.Array, Metrics]:
-  """Total = w_lm·LM + w_aux·InfoNCE (SPEC §7) on a block-layout batch."""
+  """Total = w_lm·LM + w_aux·InfoNCE + w_ans·answer (SPEC §7) on a block-layout batch."""
   model = _merge(graphdef, state)
   logits, routed = memory_forward(graphdef, state, batch)
   total_lm, count = losses.shifted_cross_entropy(logits, batch.labels)
@@ -190,6 +197,9 @@ def loss_and_metrics(graphdef: nnx.GraphDef, state, batch: MemoryBatch,
   token_accuracy = jnp.sum(right & keep) / jnp.maximum(count, 1.0)
   has = jnp.any(keep, axis=1)
   exact = jnp.sum(jnp.all(right, axis=1) & has) / jnp.maximum(jnp.sum(has), 1)
-  loss = weights.lm * lm + weights.aux * aux
-  return loss, Metrics(loss=loss, lm_loss=lm, aux_loss=aux, tokens=count, recall=recall,
+  ans = (losses.lm_loss(logits, batch.answer_labels) if batch.answer_labels is not None
+         else jnp.zeros((), jnp.float32))
+  loss = weights.lm * lm + weights.aux * aux + weights.answer * ans
+  return loss, Metrics(loss=loss, lm_loss=lm, aux_loss=aux, answer_loss=ans, tokens=count,
+                       recall=recall,
                        token_accuracy=token_accuracy, exact=exact)

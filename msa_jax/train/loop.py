@@ -31,6 +31,8 @@ from msa_jax.train.forward import LossWeights, MemoryBatch, Metrics, loss_and_me
 class Phase:
   """A stretch of training with one loss weighting, peak learning rate and memory size.
 
+  Fields after docs_per_example have defaults; pass them by keyword.
+
   The paper's schedule is a router warm-up (`0.1·LM + aux`) followed by the main phase
   (`LM + 0.1·aux`); a curriculum over memory size is a sequence of phases with growing
   `docs_per_example`.
@@ -41,6 +43,7 @@ class Phase:
   lm_weight: float
   aux_weight: float
   docs_per_example: int
+  answer_weight: float = 0.0  # SPEC §7's answer loss (the LM loss already covers answers)
   warmup: int = 0  # linear warm-up steps at the start of the phase
   decay_to: float = 1.0  # cosine decay to lr·decay_to by the end of the phase
 
@@ -196,7 +199,7 @@ def train(model: MSAForCausalLM, tok: Tokenizer, run: RunConfig, workdir: str, *
       phase = phase_at(run.phases, update)
       spec = dataclasses.replace(run.batch, docs_per_example=phase.docs_per_example)
       batch, _ = batches.build(tok, spec, s)
-      weights = LossWeights.of(phase.lm_weight, phase.aux_weight)
+      weights = LossWeights.of(phase.lm_weight, phase.aux_weight, phase.answer_weight)
       params, opt_state, metrics = step_fn(params, opt_state, batch, weights)
       calls += 1
       tokens_since += float(batch.mask.sum()) + float(batch.doc_lengths.sum())
