@@ -9,7 +9,7 @@ Each round is a stage-2 routing over the same memory followed by decoding:
 At the round limit, retrieval is ended for the model (the official engine's safety valve).
 
 Requests are batched: every row keeps its own context, and the rows still retrieving run together,
-left padded to a multiple of `pad_multiple` so that few shapes compile.
+left padded to a power of two (at least `min_length`) so that few shapes compile.
 """
 
 from __future__ import annotations
@@ -69,10 +69,9 @@ def runner_fn(runner) -> Generate:
   return generate
 
 
-def _request(actives: Sequence[render.Active], start_position: int, pad_multiple: int,
+def _request(actives: Sequence[render.Active], start_position: int, min_length: int,
              pad_id: int) -> Request:
-  t = max(a.ids.size for a in actives)
-  t = -(-t // pad_multiple) * pad_multiple
+  t = max(min_length, 1 << (max(a.ids.size for a in actives) - 1).bit_length())
   b = len(actives)
   arr = {"input_ids": np.full((b, t), pad_id, np.int32), "doc_ids": np.full((b, t), -1, np.int32),
          "attention_mask": np.zeros((b, t), np.int32), "position_ids": np.zeros((b, t), np.int32)}
@@ -98,7 +97,7 @@ def _text(tok: Tokenizer, ids: np.ndarray, role: int) -> render.Active:
 
 def run(generate: Generate, tok: Tokenizer, questions: Sequence[str], texts: Mapping[int, str], *,
         start_position: int, max_rounds: int = 3, max_id_tokens: int = 64,
-        max_answer_tokens: int = 96, pad_multiple: int = 64) -> list[Trace]:
+        max_answer_tokens: int = 96, min_length: int = 64) -> list[Trace]:
   """Memory Interleave for a batch of questions over one memory.
 
   texts: document id -> original text (the text that was encoded, without the `[id]. ` frame).
@@ -115,7 +114,7 @@ def run(generate: Generate, tok: Tokenizer, questions: Sequence[str], texts: Map
   for _ in range(max_rounds):
     if not retrieving:
       break
-    request = _request([contexts[i] for i in retrieving], start_position, pad_multiple, pad)
+    request = _request([contexts[i] for i in retrieving], start_position, min_length, pad)
     tokens, routed = generate(request, max_id_tokens, (ref_end, end_ret, im_end, eos))
     still = []
     for j, i in enumerate(retrieving):
@@ -155,7 +154,7 @@ def run(generate: Generate, tok: Tokenizer, questions: Sequence[str], texts: Map
     if not rounds[i] or not rounds[i][-1].generated.endswith("<End-of-Retrieve>"):
       ctx = ctx + _text(tok, [end_ret], roles.ACTIVE)
     finals.append(ctx + _text(tok, tok.encode(render.restate_text(q)), roles.ACTIVE))
-  request = _request(finals, start_position, pad_multiple, pad)
+  request = _request(finals, start_position, min_length, pad)
   tokens, _ = generate(request, max_answer_tokens, (im_end, eos))
   traces = []
   for i in range(len(questions)):
