@@ -239,3 +239,33 @@ def test_train_and_test_batches_do_not_share_needles():
         out |= {part.split(" is: ")[1][:7] for part in text.split("magic numbers for ")[1:]}
     return out
   assert needles(SPEC) and not needles(SPEC) & needles(test_spec)
+
+
+def test_document_logits_equal_the_packed_forward_and_train_the_closing_id():
+  lengths, active = CASES["awkward"]
+  model = small_model()
+  batch = random_memory_batch(lengths, active, seed=11)
+  gd, st = nnx.split(model)
+  _, _, doc_logits = memory_forward(gd, st, batch, doc_logits=True)
+  ref = packed.run(model, batch.to_packed())
+  lens = np.asarray(batch.doc_lengths)
+  for r in range(lens.shape[0]):
+    start = 0
+    for j, n in enumerate(lens[r]):
+      np.testing.assert_allclose(np.asarray(doc_logits)[r, j, :n],
+                                 np.asarray(ref.logits)[r, start:start + n], atol=2e-5)
+      start += n
+  # Labels on the closing id: digits and "]" only.
+  doc = render.render_docs(TOK, [4071], ["some text"])[0]
+  labels = render.closing_id_labels(TOK, 4071, doc)
+  assert TOK.decode(labels[labels >= 0]) == "4071]"
+  with pytest.raises(ValueError, match="closing id"):
+    render.closing_id_labels(TOK, 4072, doc)
+  spec = dataclasses.replace(SPEC, doc_labels=True, label_restated=True, answer_fraction=1.0)
+  b, _ = batches.build(TOK, spec, 0)
+  w = LossWeights.of(1.0, 0.1, 0.0, 1.0)
+  _, metrics = loss_and_metrics(*nnx.split(small_model(k=4)), b, w)
+  assert float(metrics.doc_loss) > 0
+  # The restated question is labelled too.
+  lab = np.asarray(b.labels)[0]
+  assert "The user's question is: " in TOK.decode(lab[lab >= 0])

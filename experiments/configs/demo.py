@@ -27,11 +27,18 @@ def get_config() -> ConfigDict:
   c.data = ConfigDict(dict(tasks=NIAH_MIX, rows=12, doc_chars=160, seed=0, answer_fraction=0.5,
                            id_digits=(1, 6)))
   # Router warm-up (0.1·LM + aux, as in the paper), then the main phase; the memory grows from
-  # 24 to 36 documents per batch (a curriculum over memory size).
+  # 24 to 36 documents per batch (a curriculum over memory size). From step 800 on, two dense
+  # copying signals are added: an LM loss on every document's closing [id] (the id the model must
+  # read from pooled memory to name a document) and labels on the injected restated question.
+  # (The run that produced the shipped model had learned routing but not yet copying by step
+  # 800; steps 0-800 are the same with or without these phases split.)
   c.phases = [
       dict(steps=100, lr=1.5e-3, lm_weight=0.1, aux_weight=1.0, docs_per_example=2, warmup=30),
-      dict(steps=1100, lr=1.5e-3, lm_weight=1.0, aux_weight=0.5, docs_per_example=2),
-      dict(steps=500, lr=1.5e-3, lm_weight=1.0, aux_weight=0.5, docs_per_example=3, decay_to=0.1),
+      dict(steps=700, lr=1.5e-3, lm_weight=1.0, aux_weight=0.5, docs_per_example=2),
+      dict(steps=400, lr=1.5e-3, lm_weight=1.0, aux_weight=0.5, docs_per_example=2,
+           doc_weight=1.0, label_restated=True),
+      dict(steps=400, lr=1.5e-3, lm_weight=1.0, aux_weight=0.5, docs_per_example=3,
+           doc_weight=1.0, label_restated=True, decay_to=0.1),
   ]
   c.train = ConfigDict(dict(clip_norm=1.0, weight_decay=0.01, accumulate=1, bf16=False,
                             log_every=10, eval_every=100, eval_batches=2, checkpoint_every=50,

@@ -103,15 +103,19 @@ def round_context(tok: Tokenizer, ids, texts, *, generated_labelled: bool, route
           + _part(tok, injected_text(ids, texts), roles.QUERY if routes else roles.ACTIVE, False))
 
 
-def final(tok: Tokenizer, question: str, answer: str) -> Active:
-  """End of retrieval, the restated question (injected) and the answer."""
+def final(tok: Tokenizer, question: str, answer: str, *, label_restated: bool = False) -> Active:
+  """End of retrieval, the restated question (injected) and the answer.
+
+  label_restated: also label the injected restated question — a copy of the question, which
+  gives a from-scratch model a dense signal for learning to copy from its context.
+  """
   return (_part(tok, "<End-of-Retrieve>", roles.ACTIVE, True)
-          + _part(tok, restate_text(question), roles.ACTIVE, False)
+          + _part(tok, restate_text(question), roles.ACTIVE, label_restated)
           + _part(tok, answer_text(answer), roles.ACTIVE, True, answer=True))
 
 
 def training_active(tok: Tokenizer, question: str, answer: str, rounds: list[tuple[list[int], list[str]]],
-                    rounds_done: int) -> Active:
+                    rounds_done: int, *, label_restated: bool = False) -> Active:
   """Active tokens of the sample with `rounds_done` of `rounds` (ids, texts) already in context.
 
   Only the most recent injected text routes (with the question), as in the official engine.
@@ -122,7 +126,7 @@ def training_active(tok: Tokenizer, question: str, answer: str, rounds: list[tup
     a = a + round_context(tok, ids, texts, generated_labelled=False, routes=r == rounds_done - 1)
   if rounds_done < len(rounds):
     return a + _part(tok, ids_text(rounds[rounds_done][0]), roles.ACTIVE, True)
-  return a + final(tok, question, answer)
+  return a + final(tok, question, answer, label_restated=label_restated)
 
 
 def labels_of(active: Active) -> np.ndarray:
@@ -137,3 +141,18 @@ def answer_labels_of(active: Active) -> np.ndarray:
 
 def render_docs(tok: Tokenizer, doc_ids, texts) -> list[np.ndarray]:
   return [tok.encode(doc_text(i, t)).astype(np.int32) for i, t in zip(doc_ids, texts)]
+
+
+def closing_id_labels(tok: Tokenizer, doc_id: int, tokens: np.ndarray) -> np.ndarray:
+  """HF-style labels of a rendered document: its closing `[id]`'s digits and `]` only.
+
+  Predicting them needs the id from the document's start, so this loss teaches every document
+  token to carry its document's id — what the model must read from pooled memory to name it.
+  """
+  closing = tok.encode(f"[{doc_id}]<|im_end|>")
+  n = tokens.size
+  if not np.array_equal(tokens[n - closing.size:], closing):
+    raise ValueError(f"document {doc_id} does not end in its closing id")
+  labels = np.full(n, IGNORE_INDEX, np.int32)
+  labels[n - closing.size + 1:n - 1] = tokens[n - closing.size + 1:n - 1]
+  return labels

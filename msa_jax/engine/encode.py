@@ -37,13 +37,14 @@ def _causal_valid_mask(lengths: jax.Array, length: int) -> jax.Array:
   return causal & valid[:, :, None] & valid[:, None, :]
 
 
-def pool_documents(model: MSAForCausalLM, tokens: jax.Array, lengths: jax.Array
-                   ) -> dict[int, tuple[jax.Array, jax.Array, jax.Array]]:
+def pool_documents(model: MSAForCausalLM, tokens: jax.Array, lengths: jax.Array, *,
+                   all_layers: bool = False):
   """tokens [b, L] (L a multiple of P), lengths [b] -> per router layer (K̄, V̄, K̄ᴿ) [b, C, K, H].
 
   Pure and differentiable: the encoder of stage 1 and of the block-layout training forward.
   Means are float32; K̄ᴿ is L2-normalised when the routing score is a cosine. Rows of length 0
-  have no valid chunk.
+  have no valid chunk. all_layers: run every layer (not only up to the last router layer) and
+  return (pooled, final hidden states [b, L, D]), for a language-model loss on documents.
   """
   cfg = model.cfg
   m = cfg.msa
@@ -54,7 +55,7 @@ def pool_documents(model: MSAForCausalLM, tokens: jax.Array, lengths: jax.Array
   out = {}
   last = max(m.router_layers)
   for i, layer in enumerate(model.layers):
-    if i > last:
+    if i > last and not all_layers:
       break
     h, q, k, v = layer.pre(x, positions)
     if layer.is_router:
@@ -65,9 +66,9 @@ def pool_documents(model: MSAForCausalLM, tokens: jax.Array, lengths: jax.Array
       if m.routing_score.normalize:
         prk = norms.l2_normalize(prk)
       out[i] = (pk, pv, prk)
-    if i < last:
+    if i < last or all_layers:
       x = layer.post(x, attention.attend(q, k, v, mask))
-  return out
+  return (out, x) if all_layers else out
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

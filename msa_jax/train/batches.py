@@ -94,6 +94,8 @@ class BatchSpec:
   id_digits: tuple[int, int] = (1, 6)
   seed: int = 0
   split: Split = Split.TRAIN
+  label_restated: bool = False  # label the injected restated question (`render.final`)
+  doc_labels: bool = False  # give documents labels on their closing `[id]`
 
 
 def build(tok: Tokenizer, spec: BatchSpec, step: int) -> tuple[MemoryBatch, dict]:
@@ -116,8 +118,11 @@ def build(tok: Tokenizer, spec: BatchSpec, step: int) -> tuple[MemoryBatch, dict
   m = len(docs)
   doc_tokens = np.zeros((1, m, width), np.int32)
   doc_lengths = np.zeros((1, m), np.int32)
+  doc_labels = np.full((1, m, width), IGNORE_INDEX, np.int32)
   for j, d in enumerate(docs):
     doc_tokens[0, j, :d.size], doc_lengths[0, j] = d, d.size
+    if spec.doc_labels:
+      doc_labels[0, j, :d.size] = render.closing_id_labels(tok, ids[j], d)
 
   actives, aux, kinds = [], np.zeros((spec.rows, m), np.int32), []
   offset = 0
@@ -129,7 +134,8 @@ def build(tok: Tokenizer, spec: BatchSpec, step: int) -> tuple[MemoryBatch, dict
               for gold in rounds_of(ex)]
     done = len(rounds) if answer else int(rng.integers(0, len(rounds)))
     kinds.append(StepKind.ANSWER if answer else StepKind.ROUTE)
-    actives.append(render.training_active(tok, ex.question, ex.answer_text, rounds, done))
+    actives.append(render.training_active(tok, ex.question, ex.answer_text, rounds, done,
+                                          label_restated=spec.label_restated))
     positive = rounds_of(ex)[done] if done < len(rounds) else ex.gold
     aux[r, [offset + g for g in positive]] = 1
     offset += len(ex.docs)
@@ -149,6 +155,8 @@ def build(tok: Tokenizer, spec: BatchSpec, step: int) -> tuple[MemoryBatch, dict
     arrays["mask"][r, :n] = 1
     arrays["labels"][r, :n] = render.labels_of(act)
     arrays["answer_labels"][r, :n] = render.answer_labels_of(act)
+  if spec.doc_labels:
+    arrays["doc_labels"] = doc_labels
   batch = MemoryBatch.from_arrays(dict(doc_tokens=doc_tokens, doc_lengths=doc_lengths,
                                        aux_labels=aux, **arrays))
   return batch, {"tasks": names, "kinds": [k.value for k in kinds]}

@@ -32,6 +32,8 @@ class MemoryBatch:
   labels [B, A]: HF-style targets (labels[t] is predicted at t-1; -100 = ignore).
   aux_labels [B, M]: multi-hot positives per document slot (-1 or 0 elsewhere).
   answer_labels [B, A]: labels of the answer sentence only (SPEC §7's answer loss); optional.
+  doc_labels [Bd, M, L]: HF-style labels of document tokens (a language-model loss on documents,
+  e.g. on each document's closing `[id]`); optional.
   """
 
   doc_tokens: jax.Array
@@ -43,11 +45,13 @@ class MemoryBatch:
   labels: jax.Array
   aux_labels: jax.Array
   answer_labels: jax.Array | None = None
+  doc_labels: jax.Array | None = None
 
   @classmethod
   def from_arrays(cls, arrays) -> "MemoryBatch":
     a = {f: np.asarray(arrays[f]) for f in cls.__dataclass_fields__ if f in arrays}
-    missing = [f for f in cls.__dataclass_fields__ if f not in a and f != "answer_labels"]
+    missing = [f for f in cls.__dataclass_fields__
+               if f not in a and f not in ("answer_labels", "doc_labels")]
     if missing:
       raise packed.BatchError(f"memory batch lacks arrays {missing}")
     bd, m, length = a["doc_tokens"].shape
@@ -60,6 +64,8 @@ class MemoryBatch:
     for n in ("roles", "positions", "mask", "labels", "answer_labels"):
       if n in a and a[n].shape != shape:
         raise packed.BatchError(f"{n} has shape {a[n].shape}, expected {shape}")
+    if "doc_labels" in a and a["doc_labels"].shape != a["doc_tokens"].shape:
+      raise packed.BatchError(f"doc_labels must be shaped like doc_tokens {a['doc_tokens'].shape}")
     if np.any(a["doc_lengths"] > length) or np.any(a["doc_lengths"] < 0):
       raise packed.BatchError(f"doc_lengths must lie in 0..{length}")
     if np.any((a["mask"] > 0) & (a["roles"] >= roles.FIRST_DOC)):
@@ -106,16 +112,20 @@ def _merge(graphdef, state) -> MSAForCausalLM:
   return nnx.merge(graphdef, *(state if isinstance(state, tuple) else (state,)))
 
 
-def memory_forward(graphdef: nnx.GraphDef, state, batch: MemoryBatch
-                   ) -> tuple[jax.Array, dict[int, Routing]]:
-  """Logits [B, A, V] of the active tokens and the routing (doc_scores [B, M+1]) of each router layer."""
+def memory_forward(graphdef: nnx.GraphDef, state, batch: MemoryBatch, *, doc_logits: bool = False):
+  """Logits [B, A, V] of the active tokens and the routing (doc_scores [B, M+1]) of each router layer.
+
+  doc_logits: also return the documents' logits [Bd, M, L, V] (all layers run on documents).
+  """
   model = _merge(graphdef, state)
   cfg = model.cfg
   m = cfg.msa
   bd, num_docs, length = batch.doc_tokens.shape
   b = batch.input_ids.shape[0]
   pooled = pool_documents(model, batch.doc_tokens.reshape(bd * num_docs, length),
-                          batch.doc_lengths.reshape(-1))
+                          batch.doc_lengths.reshape(-1), all_layers=doc_logits)
+  if doc_logits:
+    pooled, doc_x = pooled
   c = pooling.num_chunks(length, m.pooling_size)
   chunk_valid = (jnp.arange(c)[None, None, :] * m.pooling_size
                  < batch.doc_lengths[:, :, None]).reshape(bd, num_docs * c)
@@ -148,6 +158,9 @@ def memory_forward(graphdef: nnx.GraphDef, state, batch: MemoryBatch
       values = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
       mask = jnp.concatenate([chosen[:, None, :] & valid[:, :, None], self_mask], axis=2)
     x = layer.post(x, attention.attend(q, keys, values, mask))
+  if doc_logits:
+    return model.final_logits(x), routed, model.final_logits(doc_x).reshape(
+        bd, num_docs, length, -1)
   return model.final_logits(x), routed
 
 
@@ -158,10 +171,11 @@ class LossWeights:
   lm: jax.Array
   aux: jax.Array
   answer: jax.Array
+  doc: jax.Array
 
   @classmethod
-  def of(cls, lm: float, aux: float, answer: float = 0.0) -> "LossWeights":
-    return cls(*(jnp.asarray(w, jnp.float32) for w in (lm, aux, answer)))
+  def of(cls, lm: float, aux: float, answer: float = 0.0, doc: float = 0.0) -> "LossWeights":
+    return cls(*(jnp.asarray(w, jnp.float32) for w in (lm, aux, answer, doc)))
 
 
 @struct.dataclass
@@ -170,6 +184,7 @@ class Metrics:
   lm_loss: jax.Array
   aux_loss: jax.Array
   answer_loss: jax.Array
+  doc_loss: jax.Array
   tokens: jax.Array  # labelled tokens in the batch
   recall: jax.Array  # fraction of positive documents selected, mean over router layers and rows
   token_accuracy: jax.Array  # argmax == label over labelled tokens
@@ -178,9 +193,17 @@ class Metrics:
 
 def loss_and_metrics(graphdef: nnx.GraphDef, state, batch: MemoryBatch,
                      weights: LossWeights) -> tuple[jax.Array, Metrics]:
-  """Total = w_lm·LM + w_aux·InfoNCE + w_ans·answer (SPEC §7) on a block-layout batch."""
+  """Total = w_lm·LM + w_aux·InfoNCE + w_ans·answer (SPEC §7) + w_doc·document LM."""
   model = _merge(graphdef, state)
-  logits, routed = memory_forward(graphdef, state, batch)
+  zero = jnp.zeros((), jnp.float32)
+  if batch.doc_labels is not None:
+    logits, routed, doc_logits = memory_forward(graphdef, state, batch, doc_logits=True)
+    length = batch.doc_tokens.shape[-1]
+    doc = losses.lm_loss(doc_logits.reshape((-1, length) + doc_logits.shape[-1:]),
+                         batch.doc_labels.reshape(-1, length))
+  else:
+    logits, routed = memory_forward(graphdef, state, batch)
+    doc = zero
   total_lm, count = losses.shifted_cross_entropy(logits, batch.labels)
   lm = total_lm / jnp.maximum(count, 1.0)
   aux = packed.aux_loss(model.cfg, routed, batch.aux_labels, model.temperature[...])
@@ -197,9 +220,9 @@ def loss_and_metrics(graphdef: nnx.GraphDef, state, batch: MemoryBatch,
   token_accuracy = jnp.sum(right & keep) / jnp.maximum(count, 1.0)
   has = jnp.any(keep, axis=1)
   exact = jnp.sum(jnp.all(right, axis=1) & has) / jnp.maximum(jnp.sum(has), 1)
-  ans = (losses.lm_loss(logits, batch.answer_labels) if batch.answer_labels is not None
-         else jnp.zeros((), jnp.float32))
-  loss = weights.lm * lm + weights.aux * aux + weights.answer * ans
-  return loss, Metrics(loss=loss, lm_loss=lm, aux_loss=aux, answer_loss=ans, tokens=count,
+  ans = losses.lm_loss(logits, batch.answer_labels) if batch.answer_labels is not None else zero
+  loss = weights.lm * lm + weights.aux * aux + weights.answer * ans + weights.doc * doc
+  return loss, Metrics(loss=loss, lm_loss=lm, aux_loss=aux, answer_loss=ans, doc_loss=doc,
+                       tokens=count,
                        recall=recall,
                        token_accuracy=token_accuracy, exact=exact)

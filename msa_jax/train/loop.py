@@ -44,6 +44,8 @@ class Phase:
   aux_weight: float
   docs_per_example: int
   answer_weight: float = 0.0  # SPEC §7's answer loss (the LM loss already covers answers)
+  doc_weight: float = 0.0  # LM loss on each document's closing [id] (`render.closing_id_labels`)
+  label_restated: bool = False  # also label the injected restated question
   warmup: int = 0  # linear warm-up steps at the start of the phase
   decay_to: float = 1.0  # cosine decay to lr·decay_to by the end of the phase
 
@@ -197,9 +199,12 @@ def train(model: MSAForCausalLM, tok: Tokenizer, run: RunConfig, workdir: str, *
     for s in range(start, total):
       update = s // run.accumulate
       phase = phase_at(run.phases, update)
-      spec = dataclasses.replace(run.batch, docs_per_example=phase.docs_per_example)
+      spec = dataclasses.replace(run.batch, docs_per_example=phase.docs_per_example,
+                                 doc_labels=phase.doc_weight > 0,
+                                 label_restated=phase.label_restated)
       batch, _ = batches.build(tok, spec, s)
-      weights = LossWeights.of(phase.lm_weight, phase.aux_weight, phase.answer_weight)
+      weights = LossWeights.of(phase.lm_weight, phase.aux_weight, phase.answer_weight,
+                               phase.doc_weight)
       params, opt_state, metrics = step_fn(params, opt_state, batch, weights)
       calls += 1
       tokens_since += float(batch.mask.sum()) + float(batch.doc_lengths.sum())
@@ -220,7 +225,9 @@ def train(model: MSAForCausalLM, tok: Tokenizer, run: RunConfig, workdir: str, *
             f"lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s")
         t_last, tokens_since, rows_since = time.time(), 0.0, 0
       if eval_spec is not None and (done % run.eval_every == 0 or done == total):
-        es = dataclasses.replace(eval_spec, docs_per_example=phase.docs_per_example)
+        es = dataclasses.replace(eval_spec, docs_per_example=phase.docs_per_example,
+                                 doc_labels=phase.doc_weight > 0,
+                                 label_restated=phase.label_restated)
         ms = [_scalars(eval_fn(params, batches.build(tok, es, i)[0], weights))
               for i in range(run.eval_batches)]
         row = {"step": done, "split": "test",
