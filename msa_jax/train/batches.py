@@ -96,6 +96,11 @@ class BatchSpec:
   split: Split = Split.TRAIN
   label_restated: bool = False  # label the injected restated question (`render.final`)
   doc_labels: bool = False  # give documents labels on their closing `[id]`
+  # Answer rows: besides the gold documents, the last round's injected text holds up to this many
+  # other documents of the memory (shuffled in), so that the answer is copied from the document
+  # that matches the question, as at inference where the named or routed documents include
+  # non-gold ones, rather than from the only candidate in context.
+  distractors: int = 0
 
 
 def build(tok: Tokenizer, spec: BatchSpec, step: int) -> tuple[MemoryBatch, dict]:
@@ -133,6 +138,8 @@ def build(tok: Tokenizer, spec: BatchSpec, step: int) -> tuple[MemoryBatch, dict
     rounds = [([ids[offset + g] for g in gold], [all_texts[offset + g] for g in gold])
               for gold in rounds_of(ex)]
     done = len(rounds) if answer else int(rng.integers(0, len(rounds)))
+    if answer and spec.distractors:
+      rounds[-1] = _with_distractors(rng, rounds[-1], ids, all_texts, spec.distractors)
     kinds.append(StepKind.ANSWER if answer else StepKind.ROUTE)
     actives.append(render.training_active(tok, ex.question, ex.answer_text, rounds, done,
                                           label_restated=spec.label_restated))
@@ -160,6 +167,18 @@ def build(tok: Tokenizer, spec: BatchSpec, step: int) -> tuple[MemoryBatch, dict
   batch = MemoryBatch.from_arrays(dict(doc_tokens=doc_tokens, doc_lengths=doc_lengths,
                                        aux_labels=aux, **arrays))
   return batch, {"tasks": names, "kinds": [k.value for k in kinds]}
+
+
+def _with_distractors(rng: np.random.Generator, round_: tuple[list[int], list[str]], ids,
+                      texts, most: int) -> tuple[list[int], list[str]]:
+  """The round's (ids, texts) with 0..most other documents of the memory, in random order."""
+  gold_ids, gold_texts = round_
+  others = [j for j in range(len(ids)) if ids[j] not in gold_ids]
+  n = int(rng.integers(0, min(most, len(others)) + 1))
+  extra = [others[j] for j in rng.choice(len(others), n, replace=False)] if n else []
+  pairs = list(zip(gold_ids, gold_texts)) + [(ids[j], texts[j]) for j in extra]
+  order = rng.permutation(len(pairs))
+  return [pairs[j][0] for j in order], [pairs[j][1] for j in order]
 
 
 def doc_len_for(doc_chars: int, pooling_size: int) -> int:

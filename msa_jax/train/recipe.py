@@ -27,7 +27,7 @@ def run_config(c, cfg: ModelConfig) -> tuple[loop.RunConfig, batches.BatchSpec]:
       tasks=batches.TaskMix.parse(d.tasks), rows=d.rows, docs_per_example=c.phases[0]["docs_per_example"],
       doc_chars=d.doc_chars, doc_len=batches.doc_len_for(d.doc_chars, cfg.msa.pooling_size),
       answer_fraction=d.answer_fraction, top_k=cfg.msa.top_k_docs, id_digits=tuple(d.id_digits),
-      seed=d.seed, split=Split.TRAIN)
+      seed=d.seed, split=Split.TRAIN, distractors=d.get("distractors", 0))
   run = loop.RunConfig(phases=tuple(loop.Phase(**dict(p)) for p in c.phases), batch=spec,
                        **dict(c.train))
   return run, spec
