@@ -2,6 +2,7 @@
 
   python experiments/eval_niah.py                       # the shipped demo model, all 8 variants
   python experiments/eval_niah.py --model=out/demo/model --examples=96 --output=out/eval.json
+  python experiments/eval_niah.py --naming=router       # the router names the documents
 
 Memories have the layout the model was trained on (documents of `doc_chars` characters,
 `docs_per_example` documents per example, `examples_per_memory` examples per memory), built from
@@ -19,12 +20,16 @@ from absl import app, flags  # noqa: E402
 
 from msa_jax import demo  # noqa: E402
 from msa_jax.data import niah  # noqa: E402
+from msa_jax.engine.interleave import Naming  # noqa: E402
 from msa_jax.train import evaluate  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model", None, "Checkpoint directory (default: the shipped demo).")
 _TASKS = flags.DEFINE_list("tasks", [v.value for v in niah.Variant], "Tasks to evaluate.")
 _EXAMPLES = flags.DEFINE_integer("examples", 48, "Held-out questions per task.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the held-out stream.")
+_NAMING = flags.DEFINE_enum_class("naming", Naming.MODEL, Naming,
+                                  "Who names the documents to append: the model or the router.")
+_ROUTER_DOCS = flags.DEFINE_integer("router_docs", 2, "Documents the router names (--naming=router).")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")
 
 
@@ -38,12 +43,13 @@ def main(argv):
     r = evaluate.evaluate_task(model, tok, task, num_examples=_EXAMPLES.value,
                                docs_per_example=data.docs_per_example, doc_chars=data.doc_chars,
                                group=data.examples_per_memory, seed=_SEED.value,
-                               id_digits=data.id_digits)
+                               id_digits=data.id_digits, naming=_NAMING.value,
+                               router_docs=_ROUTER_DOCS.value)
     rows.append({**r.as_dict(), "seconds": time.time() - t0})
     print(f"{task:<18} {r.n:>4} {r.accuracy:>9.3f} {r.recall:>9.3f} {r.retrieved_recall:>6.3f} "
           f"{r.docs:>5.2f} {time.time() - t0:>6.1f}", flush=True)
   result = {"model": _MODEL.value or "shipped demo", "top_k": model.cfg.msa.top_k_docs,
-            "memory_docs": data.memory_docs, "tasks": rows}
+            "memory_docs": data.memory_docs, "naming": _NAMING.value.value, "tasks": rows}
   if _OUTPUT.value:
     with open(_OUTPUT.value, "w") as f:
       json.dump(result, f, indent=2)

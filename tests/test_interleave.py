@@ -96,3 +96,31 @@ def test_rows_of_a_batch_proceed_independently():
   assert int(gen.requests[1].input_ids.shape[0]) == 1  # only the retrieving row runs round 2
   assert [t.answer for t in traces] == ["a", "b"]
   assert traces[0].retrieved == (5,) and traces[1].retrieved == ()
+
+
+def test_router_naming_appends_the_best_routed_documents_not_yet_appended():
+  # The scripted router ranks 5 (0.9) over 12 (0.5); what the model writes in routing calls is
+  # ignored, and after max_rounds the model answers without being forced.
+  gen = Scripted([["ignored"], ["ignored"], ["The answer to the question is: z<|im_end|>"]])
+  (trace,) = interleave.run(gen, TOK, ["q?"], TEXTS, start_position=0, max_rounds=2,
+                            naming=interleave.Naming.ROUTER, router_docs=1)
+  assert [r.doc_ids for r in trace.rounds] == [(5,), (12,)]
+  assert [r.generated for r in trace.rounds] == ["[5]<|object_ref_end|>", "[12]<|object_ref_end|>"]
+  assert row(gen.requests[1], 0)[0].endswith("[5]<|object_ref_end|>[5]. " + TEXTS[5]
+                                             + "\n<|object_ref_end|>")
+  assert row(gen.requests[2], 0)[0].endswith(
+      "[12]. " + TEXTS[12] + "\n<|object_ref_end|><End-of-Retrieve>" + render.restate_text("q?"))
+  assert trace.answer == "z" and not trace.forced_end
+
+
+def test_router_naming_takes_each_documents_best_score_over_layers():
+  class TwoLayers(Scripted):
+    def __call__(self, request, max_new_tokens, stop_tokens):
+      tokens, _ = super().__call__(request, max_new_tokens, stop_tokens)
+      return tokens, {2: (np.array([[5, 12]]), np.array([[0.9, 0.5]], np.float32)),
+                      3: (np.array([[40, 5]]), np.array([[0.95, 0.1]], np.float32))}
+
+  gen = TwoLayers([["ignored"], ["The answer to the question is: z<|im_end|>"]])
+  (trace,) = interleave.run(gen, TOK, ["q?"], TEXTS, start_position=0, max_rounds=1,
+                            naming=interleave.Naming.ROUTER, router_docs=2)
+  assert trace.rounds[0].doc_ids == (40, 5)

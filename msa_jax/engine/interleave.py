@@ -15,6 +15,7 @@ left padded to a power of two (at least `min_length`) so that few shapes compile
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 from typing import Callable, Mapping, Sequence
 
@@ -27,6 +28,20 @@ from msa_jax.engine.prefill import Request
 from msa_jax.math import roles
 
 _ID = re.compile(r"\[(\d+)\]")
+
+
+class Naming(enum.Enum):
+  """Who names the documents of a round.
+
+  MODEL: the model writes `[id]...<|object_ref_end|>` (SPEC §10; the paper's Memory Interleave).
+  ROUTER: the engine writes the ids of the router's best-scoring documents not yet appended (by
+    their highest score over router layers), for exactly `max_rounds` rounds, then the model
+    answers. This is the router used as a retriever, for models that have not learned to name
+    documents; its traces record the ids as generated text all the same.
+  """
+
+  MODEL = "model"
+  ROUTER = "router"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +105,28 @@ def _cut(tokens: np.ndarray) -> np.ndarray:
   return tokens[:end[0]] if end.size else tokens
 
 
+def _router_named(tok: Tokenizer, routed, done: Sequence[Sequence[Round]], n: int) -> np.ndarray:
+  """Rows of `[id]...<|object_ref_end|>` tokens naming each row's n best routed documents.
+
+  A document's score is its highest over router layers; documents already appended are skipped.
+  Rows are -1 padded after the delimiter, like generated tokens after a stop.
+  """
+  rows = []
+  for j, past in enumerate(done):
+    seen = {x for r in past for x in r.doc_ids}
+    best: dict[int, float] = {}
+    for ids, scores in routed.values():
+      for x, sc in zip(ids[j], scores[j]):
+        if x >= 0 and x not in seen:
+          best[int(x)] = max(best.get(int(x), -np.inf), float(sc))
+    named = sorted(best, key=lambda x: -best[x])[:n]
+    rows.append(tok.encode(render.ids_text(named)))
+  out = np.full((len(rows), max(r.size for r in rows)), -1, np.int32)
+  for j, r in enumerate(rows):
+    out[j, :r.size] = r
+  return out
+
+
 def _text(tok: Tokenizer, ids: np.ndarray, role: int) -> render.Active:
   ids = np.asarray(ids, np.int32)
   return render.Active(ids, np.full(ids.size, role, np.int32), np.zeros(ids.size, bool))
@@ -97,11 +134,13 @@ def _text(tok: Tokenizer, ids: np.ndarray, role: int) -> render.Active:
 
 def run(generate: Generate, tok: Tokenizer, questions: Sequence[str], texts: Mapping[int, str], *,
         start_position: int, max_rounds: int = 3, max_id_tokens: int = 64,
-        max_answer_tokens: int = 96, min_length: int = 64) -> list[Trace]:
+        max_answer_tokens: int = 96, min_length: int = 64, naming: Naming = Naming.MODEL,
+        router_docs: int = 2) -> list[Trace]:
   """Memory Interleave for a batch of questions over one memory.
 
   texts: document id -> original text (the text that was encoded, without the `[id]. ` frame).
   start_position: position of the first active token (template length + top_k, SPEC §2).
+  naming, router_docs: see `Naming`; router_docs is how many documents the router names a round.
   """
   ref_end, end_ret = tok.special(Special.REF_END), tok.special(Special.END_RETRIEVE)
   im_end, eos, pad = tok.special(Special.IM_END), tok.special(Special.EOS), tok.special(Special.PAD)
@@ -115,7 +154,11 @@ def run(generate: Generate, tok: Tokenizer, questions: Sequence[str], texts: Map
     if not retrieving:
       break
     request = _request([contexts[i] for i in retrieving], start_position, min_length, pad)
-    tokens, routed = generate(request, max_id_tokens, (ref_end, end_ret, im_end, eos))
+    if naming is Naming.ROUTER:
+      _, routed = generate(request, 1, (ref_end, end_ret, im_end, eos))
+      tokens = _router_named(tok, routed, [rounds[i] for i in retrieving], router_docs)
+    else:
+      tokens, routed = generate(request, max_id_tokens, (ref_end, end_ret, im_end, eos))
     still = []
     for j, i in enumerate(retrieving):
       out = _cut(tokens[j])
@@ -145,8 +188,8 @@ def run(generate: Generate, tok: Tokenizer, questions: Sequence[str], texts: Map
         contexts[i] = contexts[i] + _text(tok, out[:-1] if stopped_on in (ref_end, im_end, eos)
                                           else out, roles.ACTIVE)
     retrieving = still
-  for i in retrieving:  # round limit
-    forced[i] = True
+  for i in retrieving:  # round limit (the end of retrieval by design when the router names)
+    forced[i] = naming is Naming.MODEL
   # Answer: the end marker (generated, or supplied when forced), the restated question, answer.
   finals = []
   for i, q in enumerate(questions):

@@ -3,14 +3,15 @@
 Each group of `group` held-out examples shares one memory (their documents, re-numbered with
 fresh ids, exactly as a training batch is built), which is encoded into a bank once (stage 1).
 Every question then runs the full Memory Interleave protocol through the engine (stages 2-3):
-the model names documents, their text is appended, and the model answers.
+the model names documents (or, with `Naming.ROUTER`, the router's best documents are named for
+it), their text is appended, and the model answers.
 
 Metrics per task:
 - accuracy: RULER `string_match_all` — the fraction of reference values found (case-insensitive)
   in the answer, averaged over questions;
 - recall: the fraction of gold documents among the top-k routed documents of the first round
   (averaged over router layers), i.e. document recall@k of the router;
-- retrieved_recall: the fraction of gold documents the model named (their text was appended);
+- retrieved_recall: the fraction of gold documents named (their text was appended);
 - docs: the mean number of documents named per question.
 """
 
@@ -77,7 +78,9 @@ def build_memory(model: MSAForCausalLM, tok: Tokenizer, examples, rng: np.random
 def evaluate_task(model: MSAForCausalLM, tok: Tokenizer, task: str, *, num_examples: int,
                   docs_per_example: int, doc_chars: int, group: int, seed: int = 0,
                   split: Split = Split.TEST, id_digits=(1, 6), max_rounds: int = 3,
-                  content: ContentPath = ContentPath.DEVICE) -> TaskResult:
+                  content: ContentPath = ContentPath.DEVICE,
+                  naming: interleave.Naming = interleave.Naming.MODEL,
+                  router_docs: int = 2) -> TaskResult:
   acc, rec, ret, ndocs, toks = [], [], [], [], []
   for g in range(-(-num_examples // group)):
     idx = range(g * group, min(num_examples, (g + 1) * group))
@@ -90,7 +93,8 @@ def evaluate_task(model: MSAForCausalLM, tok: Tokenizer, task: str, *, num_examp
     runner = BankRunner(model, bank, content=content)
     start = model.cfg.msa.top_k_docs + (bank.template.tokens.size if bank.template else 0)
     traces = interleave.run(interleave.runner_fn(runner), tok, [ex.question for ex in examples],
-                            texts, start_position=start, max_rounds=max_rounds)
+                            texts, start_position=start, max_rounds=max_rounds, naming=naming,
+                            router_docs=router_docs)
     for ex, gd, tr in zip(examples, gold, traces):
       acc.append(string_match_all(tr.answer, ex.answers))
       first = tr.rounds[0].selected if tr.rounds else {}
