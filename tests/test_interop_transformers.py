@@ -2,6 +2,7 @@
 
 Import: our dense path (every token role -1) gives transformers' logits. Export with
 `model_type="qwen3"`: transformers loads the very same tensors and gives bit-identical logits.
+`interop.transformers.to_transformers` (that export, loaded) is the very same PyTorch model.
 """
 
 import json
@@ -9,6 +10,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -16,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 from msa_jax import forward
 from msa_jax.config import ConfigError, MSAConfig
 from msa_jax.interop import hf
+from msa_jax.interop import transformers as tr
 from msa_jax.nn.model import from_params
 
 B, T, V = 2, 12, 96
@@ -138,6 +141,32 @@ def test_export_loads_in_transformers_bit_identically(hf_checkpoint, imported, t
   cfg2, params2 = hf.load_checkpoint(tmp_path)
   assert cfg2 == cfg
   jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
+def test_to_transformers_is_the_same_model(hf_checkpoint, imported):
+  model, _ = hf_checkpoint
+  converted = tr.to_transformers(from_params(*imported))
+  assert not converted.training and converted.dtype == torch.float32
+  want_sd, got_sd = model.state_dict(), converted.state_dict()
+  assert set(got_sd) == set(want_sd)
+  for k in want_sd:
+    assert torch.equal(got_sd[k], want_sd[k]), k
+
+
+def test_to_transformers_and_dense_drop_router_layers(hf_checkpoint):
+  """A model with router layers becomes the Qwen3 model it was made from, on both sides."""
+  model, path = hf_checkpoint
+  routed = from_params(*hf.load_checkpoint(path, msa=MSAConfig(router_layers=(1,))))
+  got_sd = tr.to_transformers(routed).state_dict()
+  assert set(got_sd) == set(model.state_dict())
+  for k, v in model.state_dict().items():
+    assert torch.equal(got_sd[k], v), k
+  dense = tr.dense(routed)
+  assert dense.cfg.msa.router_layers == ()
+  assert "router_q_proj" not in nnx.to_pure_dict(nnx.state(dense))["layers"][1]["attn"]
+  ids, mask, positions = _inputs(padded=False)
+  got = _our_logits(dense.cfg, nnx.to_pure_dict(nnx.state(dense)), ids, mask, positions)
+  np.testing.assert_allclose(got, _torch_logits(model, ids, mask, positions), rtol=0, atol=1e-5)
 
 
 def test_qwen3_export_refuses_router_layers(imported, tmp_path):

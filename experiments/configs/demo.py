@@ -1,6 +1,6 @@
 """The shipped demo model: a 4-layer, d=128 MSA model trained from scratch on synthetic NIAH.
 
-Command (CPU, about 2 hours on 2 cores; resumable — rerun the same command after a kill):
+Command (CPU, about 1.5-2 hours on 2 cores; resumable — rerun the same command after a kill):
   python experiments/train.py --config=experiments/configs/demo.py --workdir=out/demo
 
 Expected: held-out NIAH at the training memory size (36 documents): document recall@8 >= 0.95
@@ -36,8 +36,8 @@ def get_config() -> ConfigDict:
   copying = dict(doc_weight=1.0, label_restated=True, answer_weight=1.0)
   c.phases = [
       dict(steps=100, lr=1.5e-3, lm_weight=0.1, aux_weight=1.0, docs_per_example=2, warmup=30),
-      dict(steps=1300, lr=1.5e-3, lm_weight=1.0, aux_weight=0.5, docs_per_example=2, **copying),
-      dict(steps=400, lr=1.5e-3, lm_weight=1.0, aux_weight=0.5, docs_per_example=3,
+      dict(steps=900, lr=1.5e-3, lm_weight=1.0, aux_weight=0.5, docs_per_example=2, **copying),
+      dict(steps=300, lr=1.5e-3, lm_weight=1.0, aux_weight=0.5, docs_per_example=3,
            decay_to=0.1, **copying),
   ]
   c.train = ConfigDict(dict(clip_norm=1.0, weight_decay=0.01, accumulate=1, bf16=False,
