@@ -29,13 +29,8 @@ from msa_jax.engine.encode import encode_documents
 from msa_jax.engine.run import BankRunner, ContentPath
 from msa_jax.memory.bank import BankSpec, MemoryBank
 from msa_jax.nn.model import MSAForCausalLM
+from msa_jax.studies.stats import string_match_all  # noqa: F401  (one metric for all)
 from msa_jax.train import batches
-
-
-def string_match_all(prediction: str, references) -> float:
-  """RULER's metric for one sample: the fraction of references contained in the prediction."""
-  p = prediction.lower()
-  return float(np.mean([r.lower() in p for r in references]))
 
 
 @dataclasses.dataclass(frozen=True)
