@@ -19,12 +19,12 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[interop,test]'
 	touch $@ $(VENV)/.core
 
-# The main job: the training-path forward of the shipped tiny MSA checkpoint on a packed batch,
-# checked against the official PyTorch implementation's outputs for the same batch.
+# The main job: the shipped demo model over a memory of about 1M tokens of generated haystack
+# (and a 16K one, with the dense and RAG baselines beside it): needle questions, accuracy,
+# recall, latency, and a plot in out/niah_demo/niah.png.
 demo: $(VENV)/.core
-	$(BIN)/msa-jax forward --checkpoint tests/data/official_msa_tiny/ckpt \
-	  --batch tests/data/official_msa_tiny/fixture.npz --output out/demo_forward.npz \
-	  --reference tests/data/official_msa_tiny/fixture.npz
+	$(BIN)/python experiments/niah.py --sizes=16K,1M --per_task=2 --dense_max=16K \
+	  --dense_per_task=1 --rag_k=5 --workdir=out/niah_demo
 
 # Exit status: pytest's, except that "no tests collected" (5) is a failure too.
 test: $(VENV)/.test

@@ -78,3 +78,41 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_parameters(tmp_path):
   assert "resumed from step" in out.stdout
   assert ((killed / "model" / "model.safetensors").read_bytes()
           == (whole / "model" / "model.safetensors").read_bytes())
+
+
+def test_niah_scaling_binary_writes_results_and_plot_and_resumes(tmp_path):
+  cmd = [sys.executable, str(ROOT / "experiments" / "niah.py"), "--sizes=1K,2K", "--per_task=1",
+         "--tasks=niah_single_1,niah_multikey_2", "--dense_max=1K", "--dense_per_task=1",
+         "--rag_k=1", "--disk_from=2K", f"--workdir={tmp_path}"]
+  subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+  out = json.loads((tmp_path / "niah.json").read_text())
+  assert [s["label"] for s in out["sizes"]] == ["1K", "2K"]
+  small, large = out["sizes"]
+  for s in out["sizes"]:
+    for task in ("niah_single_1", "niah_multikey_2", "all"):
+      m = s["msa"][task]
+      assert 0 <= m["accuracy"] <= 1 and 0 <= m["recall"] <= 1 and m["latency_s"] > 0
+      lo, hi = m["accuracy_ci95"]
+      assert lo <= m["accuracy"] <= hi
+    assert s["rag"]["rag@1"]["all"]["docs"] == 1
+  assert small["dense"]["all"]["n"] == 2 and large["dense"] is None
+  assert small["bank_bytes"] == 0 and large["bank_bytes"] > 0  # 2K is encoded to disk
+  assert (tmp_path / "banks" / "2K-0" / "manifest.json").exists()
+  assert (tmp_path / "niah.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  again = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+  assert again.stdout.count("done earlier") == 2
+
+
+def test_multihop_binary_compares_every_method(tmp_path):
+  subprocess.run([sys.executable, str(ROOT / "experiments" / "multihop.py"), "--sizes=2K",
+                  "--tasks=bridge", "--per_task=2", "--rag_k=1", "--max_rounds=2",
+                  f"--workdir={tmp_path}"], check=True, capture_output=True, timeout=600)
+  out = json.loads((tmp_path / "multihop.json").read_text())
+  (size,) = out["sizes"]
+  methods = size["methods"]
+  assert set(methods) == {"msa_interleave", "msa_single", "rag@1", "iterative_rag", "oracle",
+                          "no_context"}
+  assert methods["oracle"]["all"]["hop_recall"] == [1.0, 1.0]
+  assert methods["no_context"]["all"]["docs"] == 0
+  assert methods["rag@1"]["all"]["docs"] == 1 and methods["iterative_rag"]["all"]["docs"] == 2
+  assert methods["msa_single"]["all"]["docs"] <= 1  # the router names one document per round

@@ -1,11 +1,12 @@
 """The shipped demo model: a 4-layer, d=128 MSA model trained from scratch on synthetic NIAH.
 
-Command (CPU, about 1.5-2 hours on 2 cores; resumable — rerun the same command after a kill):
+Command (CPU, about 90 minutes on 2 cores; resumable — rerun the same command after a kill):
   python experiments/train.py --config=experiments/configs/demo.py --workdir=out/demo
 
-Expected: held-out NIAH at the training memory size (36 documents): document recall@8 >= 0.95
-on the single-needle variants, and the answer accuracy that BUILD_NOTES.md records
-(`experiments/eval_niah.py`); the run writes out/demo/metrics.jsonl, TensorBoard events in
+Expected (measured, BUILD_NOTES.md "Training"): at the training memory size (36 documents) the
+router finds the needle document (recall@8 = 1.0 on seven of the eight NIAH variants), but the
+model has not learned to copy ids or values (answer accuracy 0); the acceptance bar of answer
+accuracy >= 0.9 is not met. The run writes out/demo/metrics.jsonl, TensorBoard events in
 out/demo/tb and the exported HF checkpoint in out/demo/model (what ships as
 msa_jax/assets/demo_model).
 """
@@ -25,20 +26,21 @@ def get_config() -> ConfigDict:
       max_position_embeddings=32768))
   c.msa = ConfigDict(dict(top_k_docs=8, pooling_size=16, router_layers=(2, 3),
                           aux_temperature=0.1))
-  # Answer rows get up to 2 distractor documents injected beside the gold ones.
-  c.data = ConfigDict(dict(tasks=NIAH_MIX, rows=12, doc_chars=160, seed=0, answer_fraction=0.6,
-                           id_digits=(1, 6), distractors=2))
+  c.data = ConfigDict(dict(tasks=NIAH_MIX, rows=12, doc_chars=160, seed=0, answer_fraction=0.5,
+                           id_digits=(1, 6)))
   # Router warm-up (0.1·LM + aux, as in the paper), then the main phase; the memory grows from
-  # 24 to 36 documents per batch (a curriculum over memory size). The copying signals are on
-  # from the start: an LM loss on every document's closing [id] (the id the model must read from
-  # pooled memory to name a document), labels on the injected restated question (a copy of the
-  # question) and the answer loss (SPEC §7) on top of the LM loss.
-  copying = dict(doc_weight=1.0, label_restated=True, answer_weight=1.0)
+  # 24 to 36 documents per batch (a curriculum over memory size). From step 800 on, two dense
+  # copying signals are added: an LM loss on every document's closing [id] (the id the model must
+  # read from pooled memory to name a document) and labels on the injected restated question.
+  # (The run that produced the shipped model had learned routing but not yet copying by step
+  # 800; steps 0-800 are the same with or without these phases split.)
   c.phases = [
       dict(steps=100, lr=1.5e-3, lm_weight=0.1, aux_weight=1.0, docs_per_example=2, warmup=30),
-      dict(steps=900, lr=1.5e-3, lm_weight=1.0, aux_weight=0.5, docs_per_example=2, **copying),
-      dict(steps=300, lr=1.5e-3, lm_weight=1.0, aux_weight=0.5, docs_per_example=3,
-           decay_to=0.1, **copying),
+      dict(steps=700, lr=1.5e-3, lm_weight=1.0, aux_weight=0.5, docs_per_example=2),
+      dict(steps=400, lr=1.5e-3, lm_weight=1.0, aux_weight=0.5, docs_per_example=2,
+           doc_weight=1.0, label_restated=True),
+      dict(steps=400, lr=1.5e-3, lm_weight=1.0, aux_weight=0.5, docs_per_example=3,
+           doc_weight=1.0, label_restated=True, decay_to=0.1),
   ]
   c.train = ConfigDict(dict(clip_norm=1.0, weight_decay=0.01, accumulate=1, bf16=False,
                             log_every=10, eval_every=100, eval_batches=2, checkpoint_every=50,
