@@ -60,15 +60,17 @@ def _write_json(path: str, obj) -> None:
 
 
 def _print_table(name: str, summary: dict, tasks) -> None:
-  print(f"  {name}: {'task':<17} {'acc':>5} {'95% CI':>13} {'recall':>6} {'docs':>5} {'lat s':>6}")
-  for t in list(tasks) + ["all"]:
+  """recall: the router's recall@k (MSA); in ctx: gold documents whose text was in the context."""
+  print(f"  {name}: {'task':<17} {'acc':>5} {'95% CI':>13} {'recall':>6} {'in ctx':>6} "
+        f"{'docs':>5} {'lat s':>6}")
+  for t in [t for t in tasks if t != "all"] + ["all"]:
     if t not in summary:
       continue
     s = summary[t]
     rec = "  -   " if s["recall"] is None else f"{s['recall']:6.3f}"
     lo, hi = s["accuracy_ci95"]
     print(f"  {'':<{len(name)}}  {t:<17} {s['accuracy']:5.2f} [{lo:4.2f}, {hi:4.2f}] {rec} "
-          f"{s['docs']:5.1f} {s['latency_s']:6.2f}", flush=True)
+          f"{s['hop_recall'][0]:6.3f} {s['docs']:5.1f} {s['latency_s']:6.2f}", flush=True)
 
 
 def run_size(model, tok, data, size: int, workdir: str) -> dict:
@@ -78,6 +80,7 @@ def run_size(model, tok, data, size: int, workdir: str) -> dict:
   on_disk = size >= parse_size(_DISK_FROM.value)
   msa, dense, encode_s, bank_bytes, tokens = [], [], 0.0, 0, 0
   rag: dict[str, list] = {k: [] for k in _RAG_K.value}
+  dense_asked: dict[str, int] = {}
   for g, mem in enumerate(memories):
     bank_dir = (os.path.join(workdir, "banks", f"{format_size(size)}-{g}") if on_disk else None)
     built = run.encode(model, tok, mem, bank_dir=bank_dir, log=print if on_disk else None)
@@ -87,8 +90,12 @@ def run_size(model, tok, data, size: int, workdir: str) -> dict:
     msa += run.ask_msa(built, tok, mem, naming=_NAMING.value, router_docs=_ROUTER_DOCS.value,
                        max_rounds=_MAX_ROUNDS.value)
     if size <= parse_size(_DENSE_MAX.value):
-      qs = [q for t in _TASKS.value for q in [q for q in mem.questions if q.task == t]
-            [:_DENSE_PER_TASK.value]]
+      # The first --dense_per_task questions of each task over all memories of this size.
+      qs = []
+      for q in mem.questions:
+        if dense_asked.get(q.task, 0) < _DENSE_PER_TASK.value:
+          dense_asked[q.task] = dense_asked.get(q.task, 0) + 1
+          qs.append(q)
       dense += run.ask_pasted(model, tok, mem, lambda q, n=len(mem.texts): range(n), questions=qs)
     if rag:
       bm25 = BM25(mem.texts)
@@ -130,7 +137,7 @@ def main(argv):
     if result["dense"]:
       _print_table("dense", result["dense"], _TASKS.value)
     for name, summary in result.get("rag", {}).items():
-      _print_table(name, summary, ["all"])
+      _print_table(name, summary, [])
   out = {"model": _MODEL.value or "shipped demo", "naming": _NAMING.value.value,
          "router_docs": _ROUTER_DOCS.value, "top_k": model.cfg.msa.top_k_docs,
          "per_task": _PER_TASK.value, "tasks": _TASKS.value, "sizes": results}
