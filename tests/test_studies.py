@@ -85,8 +85,10 @@ def test_iterative_bm25_reaches_the_second_hop_of_a_bridge():
   index = BM25(mem.texts)
   found = [set(q.hops[1]) <= set(index.iterative(q.question, mem.texts, 1, 2))
            for q in mem.questions]
-  single = [set(q.hops[1]) <= set(index.top(q.question, 1)) for q in mem.questions]
-  assert sum(found) > sum(single)
+  # Against plain BM25 with as many documents: the second query (question + hop-1 text) is what
+  # finds the bridge entity's document.
+  plain = [set(q.hops[1]) <= set(index.top(q.question, 2)) for q in mem.questions]
+  assert sum(found) > sum(plain)
 
 
 def test_bootstrap_interval_matches_the_normal_approximation_on_a_large_sample():
