@@ -29,7 +29,7 @@ from msa_jax.engine.encode import encode_documents
 from msa_jax.engine.run import BankRunner, ContentPath
 from msa_jax.memory.bank import BankSpec, MemoryBank
 from msa_jax.nn.model import MSAForCausalLM
-from msa_jax.studies.stats import string_match_all  # noqa: F401  (one metric for all)
+from msa_jax.studies.stats import string_match_all
 from msa_jax.train import batches
 
 
