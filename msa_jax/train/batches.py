@@ -16,7 +16,7 @@ import enum
 
 import numpy as np
 
-from msa_jax.data import multihop, niah, render
+from msa_jax.data import copying, multihop, niah, render
 from msa_jax.data.text import Split
 from msa_jax.data.tokenizer import Special, Tokenizer
 from msa_jax.math import pooling
@@ -185,3 +185,31 @@ def doc_len_for(doc_chars: int, pooling_size: int) -> int:
   """Token slots for a rendered document of about doc_chars bytes (ids and markers included)."""
   need = doc_chars + 48
   return pooling.num_chunks(need, pooling_size) * pooling_size
+
+
+def build_copy(tok: Tokenizer, spec: copying.CopySpec, step: int, *, top_k: int = 16,
+               pooling_size: int = 16, active_multiple: int = 128) -> MemoryBatch:
+  """Copy batch number `step` (`copying.rows`) as a MemoryBatch over a one-document dummy memory.
+
+  The memory forward always routes; here it routes over one empty-text document (its positive
+  label keeps the aux loss finite; train copy batches with aux weight 0).
+  """
+  rs = copying.rows(tok, spec, step)
+  dummy = render.render_docs(tok, [0], [""])[0]
+  width = pooling.num_chunks(dummy.size, pooling_size) * pooling_size
+  doc_tokens = np.zeros((1, 1, width), np.int32)
+  doc_tokens[0, 0, :dummy.size] = dummy
+  a = -(-max(r.ids.size for r in rs) // active_multiple) * active_multiple
+  b = len(rs)
+  arrays = dict(input_ids=np.full((b, a), tok.special(Special.PAD), np.int32),
+                roles=np.full((b, a), -1, np.int32), positions=np.zeros((b, a), np.int32),
+                mask=np.zeros((b, a), np.int32), labels=np.full((b, a), IGNORE_INDEX, np.int32))
+  for i, r in enumerate(rs):
+    n = r.ids.size
+    arrays["input_ids"][i, :n], arrays["roles"][i, :n] = r.ids, r.roles
+    arrays["positions"][i, :n] = top_k + np.arange(n)
+    arrays["mask"][i, :n] = 1
+    arrays["labels"][i, :n] = r.labels
+  return MemoryBatch.from_arrays(dict(doc_tokens=doc_tokens,
+                                      doc_lengths=np.full((1, 1), dummy.size, np.int32),
+                                      aux_labels=np.ones((b, 1), np.int32), **arrays))

@@ -21,6 +21,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from msa_jax.data import copying
 from msa_jax.data.tokenizer import Tokenizer
 from msa_jax.nn.model import MSAForCausalLM
 from msa_jax.train import batches
@@ -48,6 +49,12 @@ class Phase:
   label_restated: bool = False  # also label the injected restated question
   warmup: int = 0  # linear warm-up steps at the start of the phase
   decay_to: float = 1.0  # cosine decay to lr·decay_to by the end of the phase
+  # Every copy_every-th step trains on a dense copy batch (`RunConfig.copy`) with the LM loss
+  # alone instead of a memory batch: 1 = a copy-only stage, 0 = none.
+  copy_every: int = 0
+
+  def is_copy_step(self, step: int) -> bool:
+    return self.copy_every > 0 and step % self.copy_every == 0
 
 
 def schedule(phases: Sequence[Phase]) -> optax.Schedule:
@@ -119,6 +126,7 @@ class RunConfig:
 
   phases: tuple[Phase, ...]
   batch: batches.BatchSpec  # docs_per_example is overridden by each phase
+  copy: copying.CopySpec | None = None  # the copy batches of phases with copy_every > 0
   clip_norm: float = 1.0
   weight_decay: float = 0.01
   accumulate: int = 1
@@ -128,6 +136,10 @@ class RunConfig:
   eval_batches: int = 2
   checkpoint_every: int = 50
   keep_checkpoints: int = 2
+
+  def __post_init__(self):
+    if self.copy is None and any(p.copy_every for p in self.phases):
+      raise ValueError("phases with copy_every > 0 need RunConfig.copy")
 
   @property
   def total_steps(self) -> int:
@@ -199,20 +211,29 @@ def train(model: MSAForCausalLM, tok: Tokenizer, run: RunConfig, workdir: str, *
     for s in range(start, total):
       update = s // run.accumulate
       phase = phase_at(run.phases, update)
-      spec = dataclasses.replace(run.batch, docs_per_example=phase.docs_per_example,
-                                 doc_labels=phase.doc_weight > 0,
-                                 label_restated=phase.label_restated)
-      batch, _ = batches.build(tok, spec, s)
-      weights = LossWeights.of(phase.lm_weight, phase.aux_weight, phase.answer_weight,
-                               phase.doc_weight)
+      copy_step = phase.is_copy_step(update)
+      if copy_step:
+        batch = batches.build_copy(tok, run.copy, s, top_k=run.batch.top_k,
+                                   pooling_size=model.cfg.msa.pooling_size)
+        weights = LossWeights.of(1.0, 0.0)
+        rows = batch.input_ids.shape[0]
+      else:
+        spec = dataclasses.replace(run.batch, docs_per_example=phase.docs_per_example,
+                                   doc_labels=phase.doc_weight > 0,
+                                   label_restated=phase.label_restated)
+        batch, _ = batches.build(tok, spec, s)
+        weights = LossWeights.of(phase.lm_weight, phase.aux_weight, phase.answer_weight,
+                                 phase.doc_weight)
+        rows = spec.rows
       params, opt_state, metrics = step_fn(params, opt_state, batch, weights)
       calls += 1
       tokens_since += float(batch.mask.sum()) + float(batch.doc_lengths.sum())
-      rows_since += spec.rows
+      rows_since += rows
       done = s + 1
       if done % run.log_every == 0 or done == total:
         dt = time.time() - t_last
-        row = {"step": done, "split": "train", "lr": float(sched(update)),
+        row = {"step": done, "split": "train", "batch": "copy" if copy_step else "memory",
+               "lr": float(sched(update)),
                "docs_per_example": phase.docs_per_example, "tokens_per_s": tokens_since / dt,
                "rows_per_s": rows_since / dt, "time": time.time(), **_scalars(metrics)}
         out.write(json.dumps(row) + "\n")
@@ -220,7 +241,7 @@ def train(model: MSAForCausalLM, tok: Tokenizer, run: RunConfig, workdir: str, *
         for k, v in row.items():
           if isinstance(v, float) and k != "time":
             writer.add_scalar(f"train/{k}", v, done)
-        log(f"step {done}/{total} loss {row['loss']:.4f} lm {row['lm_loss']:.4f} "
+        log(f"step {done}/{total} {row['batch']} loss {row['loss']:.4f} lm {row['lm_loss']:.4f} "
             f"aux {row['aux_loss']:.4f} recall {row['recall']:.3f} exact {row['exact']:.3f} "
             f"lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s")
         t_last, tokens_since, rows_since = time.time(), 0.0, 0
@@ -228,17 +249,28 @@ def train(model: MSAForCausalLM, tok: Tokenizer, run: RunConfig, workdir: str, *
         es = dataclasses.replace(eval_spec, docs_per_example=phase.docs_per_example,
                                  doc_labels=phase.doc_weight > 0,
                                  label_restated=phase.label_restated)
-        ms = [_scalars(eval_fn(params, batches.build(tok, es, i)[0], weights))
+        w = LossWeights.of(phase.lm_weight, phase.aux_weight, phase.answer_weight,
+                           phase.doc_weight)
+        ms = [_scalars(eval_fn(params, batches.build(tok, es, i)[0], w))
               for i in range(run.eval_batches)]
         row = {"step": done, "split": "test",
                **{k: float(np.mean([m[k] for m in ms])) for k in ms[0]}}
+        if run.copy is not None:
+          cs = dataclasses.replace(run.copy, split=eval_spec.split)
+          for kind, fraction in (("span", 0.0), ("lookup", 1.0)):
+            m = _scalars(eval_fn(params, batches.build_copy(
+                tok, dataclasses.replace(cs, lookup_fraction=fraction), 0,
+                top_k=run.batch.top_k, pooling_size=model.cfg.msa.pooling_size),
+                LossWeights.of(1.0, 0.0)))
+            row[f"copy_{kind}_accuracy"] = m["token_accuracy"]
         out.write(json.dumps(row) + "\n")
         out.flush()
         for k, v in row.items():
           if isinstance(v, float):
             writer.add_scalar(f"test/{k}", v, done)
         log(f"  eval step {done}: lm {row['lm_loss']:.4f} recall {row['recall']:.3f} "
-            f"token_acc {row['token_accuracy']:.3f} exact {row['exact']:.3f}")
+            f"token_acc {row['token_accuracy']:.3f} exact {row['exact']:.3f}"
+            + "".join(f" {k} {row[k]:.3f}" for k in row if k.startswith("copy_")))
       if done % run.checkpoint_every == 0 or done == total:
         ckpt.save(done, params, opt_state)
       if stop_after is not None and calls >= stop_after:

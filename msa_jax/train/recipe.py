@@ -9,6 +9,7 @@ from typing import Callable
 from flax import nnx
 
 from msa_jax.config import MSAConfig, ModelConfig
+from msa_jax.data import copying
 from msa_jax.data.text import Split
 from msa_jax.data.tokenizer import ByteTokenizer
 from msa_jax.interop import hf
@@ -28,8 +29,14 @@ def run_config(c, cfg: ModelConfig) -> tuple[loop.RunConfig, batches.BatchSpec]:
       doc_chars=d.doc_chars, doc_len=batches.doc_len_for(d.doc_chars, cfg.msa.pooling_size),
       answer_fraction=d.answer_fraction, top_k=cfg.msa.top_k_docs, id_digits=tuple(d.id_digits),
       seed=d.seed, split=Split.TRAIN, distractors=d.get("distractors", 0))
+  copy = None
+  if "copy" in c:
+    fields = dict(c.copy)
+    if "lookup_docs" in fields:
+      fields["lookup_docs"] = tuple(fields["lookup_docs"])
+    copy = copying.CopySpec(seed=d.seed, split=Split.TRAIN, **fields)
   run = loop.RunConfig(phases=tuple(loop.Phase(**dict(p)) for p in c.phases), batch=spec,
-                       **dict(c.train))
+                       copy=copy, **dict(c.train))
   return run, spec
 
 
@@ -58,7 +65,8 @@ def export(c, model: MSAForCausalLM, directory: str) -> None:
                    "docs_per_example": c.phases[-1]["docs_per_example"],
                    "examples_per_memory": c.data.rows, "id_digits": list(c.data.id_digits),
                    "tasks": c.data.tasks},
-          "phases": [dict(p) for p in c.phases], "init_seed": c.init_seed}
+          "phases": [dict(p) for p in c.phases], "init_seed": c.init_seed,
+          "copy": dict(c.copy) if "copy" in c else None}
   tmp = os.path.join(directory, ".training.json.tmp")
   with open(tmp, "w") as f:
     json.dump(info, f, indent=2)
