@@ -5,6 +5,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).parent.parent
 
 
@@ -30,27 +32,35 @@ def _finished_steps(workdir):
   return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.exists() else []
 
 
-def test_train_binary_writes_metrics_events_checkpoints_and_model(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """One uninterrupted run of the tiny config (shared: it is also the resume test's reference)."""
+  workdir = tmp_path_factory.mktemp("tiny_run")
+  subprocess.run(TRAIN + [f"--workdir={workdir}"], check=True, capture_output=True, timeout=600)
+  return workdir
+
+
+def test_train_binary_writes_metrics_events_checkpoints_and_model(tiny_run, tmp_path):
   from msa_jax.interop import hf
-  subprocess.run(TRAIN + [f"--workdir={tmp_path}"], check=True, capture_output=True, timeout=600)
-  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  run = tiny_run
+  rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
   train = [r for r in rows if r["split"] == "train"]
   assert [r["step"] for r in train] == [2, 4, 6]
   assert all(r["tokens_per_s"] > 0 and r["loss"] > 0 for r in train)
   assert any(r["split"] == "test" for r in rows)
-  assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
-  assert _finished_steps(tmp_path)[-1] == 6
-  cfg, params = hf.load_checkpoint(tmp_path / "model")
+  assert list((run / "tb").glob("events.out.tfevents.*"))
+  assert _finished_steps(run)[-1] == 6
+  cfg, params = hf.load_checkpoint(run / "model")
   assert cfg.msa.router_layers == (2, 3) and cfg.hidden_size == 32
   png = tmp_path / "curves.png"
   subprocess.run([sys.executable, str(ROOT / "experiments" / "plot_training.py"),
-                  f"--workdir={tmp_path}", f"--output={png}"], check=True, capture_output=True,
+                  f"--workdir={run}", f"--output={png}"], check=True, capture_output=True,
                  timeout=300)
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   # The evaluation binary runs the exported model end to end through the engine.
   out = tmp_path / "eval.json"
   subprocess.run([sys.executable, str(ROOT / "experiments" / "eval_niah.py"),
-                  f"--model={tmp_path / 'model'}", "--tasks=niah_single_1,niah_multivalue",
+                  f"--model={run / 'model'}", "--tasks=niah_single_1,niah_multivalue",
                   "--examples=2", f"--output={out}"], check=True, capture_output=True, timeout=600)
   result = json.loads(out.read_text())
   assert [r["task"] for r in result["tasks"]] == ["niah_single_1", "niah_multivalue"]
@@ -58,12 +68,11 @@ def test_train_binary_writes_metrics_events_checkpoints_and_model(tmp_path):
     assert r["n"] == 2 and 0 <= r["accuracy"] <= 1 and 0 <= r["recall"] <= 1
 
 
-def test_a_run_killed_with_sigkill_resumes_to_the_same_parameters(tmp_path):
+def test_a_run_killed_with_sigkill_resumes_to_the_same_parameters(tiny_run, tmp_path):
   import os
   import signal
   import time
-  whole, killed = tmp_path / "whole", tmp_path / "killed"
-  subprocess.run(TRAIN + [f"--workdir={whole}"], check=True, capture_output=True, timeout=600)
+  whole, killed = tiny_run, tmp_path / "killed"
   proc = subprocess.Popen(TRAIN + [f"--workdir={killed}"], stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   deadline = time.time() + 300

@@ -39,7 +39,7 @@ def get_config() -> ConfigDict:
   # the copying losses; 4. a larger memory (24 -> 36 documents per batch) with the learning
   # rate decaying. Every third step of 2-4 is a copy batch, so copying is not forgotten.
   c.phases = [
-      dict(steps=1000, lr=1.5e-3, lm_weight=1.0, aux_weight=0.0, docs_per_example=2, warmup=50,
+      dict(steps=1400, lr=1.5e-3, lm_weight=1.0, aux_weight=0.0, docs_per_example=2, warmup=50,
            copy_every=1),
       dict(steps=100, lr=1.5e-3, lm_weight=0.1, aux_weight=1.0, docs_per_example=2, copy_every=3),
       dict(steps=600, lr=1.5e-3, lm_weight=1.0, aux_weight=0.5, docs_per_example=2, copy_every=3,
