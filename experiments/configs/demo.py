@@ -15,6 +15,9 @@ from ml_collections import ConfigDict
 
 NIAH_MIX = ("niah_single_1:2,niah_single_2:2,niah_single_3:2,niah_multikey_1:1,"
             "niah_multikey_2:1,niah_multikey_3:1,niah_multivalue:0.25,niah_multiquery:0.25")
+# Multi-hop rows (about one in seven) so that the model re-routes on appended text and answers
+# after two retrieval rounds (Memory Interleave); the copy stage does not depend on this mix.
+MULTIHOP_MIX = "bridge:0.75,chain_2:0.75"
 
 
 def get_config() -> ConfigDict:
@@ -28,8 +31,8 @@ def get_config() -> ConfigDict:
                           aux_temperature=0.1))
   # Answer rows get up to 2 distractor documents pasted beside the gold ones (as at inference,
   # where the router's best documents include non-gold ones).
-  c.data = ConfigDict(dict(tasks=NIAH_MIX, rows=12, doc_chars=160, seed=0, answer_fraction=0.6,
-                           id_digits=(1, 6), distractors=2))
+  c.data = ConfigDict(dict(tasks=f"{NIAH_MIX},{MULTIHOP_MIX}", rows=12, doc_chars=160, seed=0,
+                           answer_fraction=0.6, id_digits=(1, 6), distractors=2))
   # Dense copy batches (msa_jax/data/copying.py): half span-repeat rows, half NIAH answer steps
   # with short pasted documents. A from-scratch model forms its match-and-copy mechanism on these
   # within ~1k steps; in MSA batches alone it does not within the CPU budget.

@@ -20,7 +20,7 @@ def get_config():
   c = demo.get_config()
   del c["copy"]  # no dense copy batches: the MSA batches' own copying signals only
   # Answer rows get up to 2 distractor documents appended beside the gold ones.
-  c.data.update(answer_fraction=0.6, distractors=2)
+  c.data.update(tasks=demo.NIAH_MIX, answer_fraction=0.6, distractors=2)
   copying = dict(doc_weight=1.0, label_restated=True, answer_weight=1.0)
   c.phases = [
       dict(steps=100, lr=1.5e-3, lm_weight=0.1, aux_weight=1.0, docs_per_example=2, warmup=30),
