@@ -1,10 +1,11 @@
-"""An earlier attempt at a demo model that copies: MSA batches with the copying losses from step 0.
+"""An attempt at a demo model that copies: the demo recipe with the copying losses from step 0.
 
 Command (CPU; resumable):
   python experiments/train.py --config=experiments/configs/demo_copying.py --workdir=out/copying
 
-Differences from demo.py: no copy stage and no copy batches; the closing-id document loss,
-labels on the restated question and the answer loss from the end of the router warm-up on.
+Differences from demo.py: the closing-id document loss, labels on the restated question and the
+answer loss from the end of the router warm-up on; 60 % answer batches; answer rows get up to 2
+distractor documents appended beside the gold ones.
 
 Expected (measured, BUILD_NOTES.md "Training"): routing as in demo.py, but by step 700 (of 1,300;
 the run was stopped there) no copying: the held-out answer loss plateaus near 1.0 nat/token and
@@ -18,9 +19,8 @@ from experiments.configs import demo
 
 def get_config():
   c = demo.get_config()
-  del c["copy"]  # no dense copy batches: the MSA batches' own copying signals only
   # Answer rows get up to 2 distractor documents appended beside the gold ones.
-  c.data.update(tasks=demo.NIAH_MIX, answer_fraction=0.6, distractors=2)
+  c.data.update(answer_fraction=0.6, distractors=2)
   copying = dict(doc_weight=1.0, label_restated=True, answer_weight=1.0)
   c.phases = [
       dict(steps=100, lr=1.5e-3, lm_weight=0.1, aux_weight=1.0, docs_per_example=2, warmup=30),
