@@ -1,4 +1,7 @@
-"""Training curves of a run: loss terms, router recall and teacher-forced exact match.
+"""Training curves of a run: loss terms, router recall, teacher-forced exact match (and copy accuracy).
+
+Train curves are of memory batches only; a run with copy batches gets a fourth panel with the
+held-out copy accuracies.
 
   python experiments/plot_training.py --workdir=out/demo --output=docs/demo_training.png
 """
@@ -22,9 +25,12 @@ def main(argv):
   import matplotlib.pyplot as plt
 
   rows = [json.loads(l) for l in open(os.path.join(_WORKDIR.value, "metrics.jsonl"))]
-  train = [r for r in rows if r["split"] == "train"]
-  test = [r for r in rows if r["split"] == "test"]
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+  # A resumed run re-logs the steps after its last checkpoint: keep the latest row of each step.
+  train = list({r["step"]: r for r in rows
+                if r["split"] == "train" and r.get("batch", "memory") == "memory"}.values())
+  test = list({r["step"]: r for r in rows if r["split"] == "test"}.values())
+  copy = [r for r in test if "copy_span_accuracy" in r]
+  fig, axes = plt.subplots(1, 4 if copy else 3, figsize=(17 if copy else 13, 3.6))
   for name in ("lm_loss", "aux_loss"):
     axes[0].plot([r["step"] for r in train], [r[name] for r in train], label=f"train {name}")
     axes[0].plot([r["step"] for r in test], [r[name] for r in test], "o-", ms=3,
@@ -37,6 +43,12 @@ def main(argv):
     ax.set_ylim(0, 1.02)
   axes[1].set_title("router recall@k (gold docs in top-k)")
   axes[2].set_title("rows with every target token right (teacher forced)")
+  if copy:
+    for name in ("copy_span_accuracy", "copy_lookup_accuracy"):
+      axes[3].plot([r["step"] for r in copy], [r[name] for r in copy], "o-", ms=3,
+                   label=f"held-out {name.split('_')[1]}")
+    axes[3].set_ylim(0, 1.02)
+    axes[3].set_title("copy batches: token accuracy")
   for ax in axes:
     ax.set_xlabel("step")
     ax.legend(fontsize=7)
