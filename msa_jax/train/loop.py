@@ -56,6 +56,10 @@ class Phase:
   def is_copy_step(self, step: int) -> bool:
     return self.copy_every > 0 and step % self.copy_every == 0
 
+  def loss_weights(self) -> LossWeights:
+    """The weights of this phase's memory batches (copy batches use the LM loss alone)."""
+    return LossWeights.of(self.lm_weight, self.aux_weight, self.answer_weight, self.doc_weight)
+
 
 def schedule(phases: Sequence[Phase]) -> optax.Schedule:
   """The learning rate over all phases (optax counts optimizer updates)."""
@@ -222,8 +226,7 @@ def train(model: MSAForCausalLM, tok: Tokenizer, run: RunConfig, workdir: str, *
                                    doc_labels=phase.doc_weight > 0,
                                    label_restated=phase.label_restated)
         batch, _ = batches.build(tok, spec, s)
-        weights = LossWeights.of(phase.lm_weight, phase.aux_weight, phase.answer_weight,
-                                 phase.doc_weight)
+        weights = phase.loss_weights()
         rows = spec.rows
       params, opt_state, metrics = step_fn(params, opt_state, batch, weights)
       calls += 1
@@ -249,9 +252,8 @@ def train(model: MSAForCausalLM, tok: Tokenizer, run: RunConfig, workdir: str, *
         es = dataclasses.replace(eval_spec, docs_per_example=phase.docs_per_example,
                                  doc_labels=phase.doc_weight > 0,
                                  label_restated=phase.label_restated)
-        w = LossWeights.of(phase.lm_weight, phase.aux_weight, phase.answer_weight,
-                           phase.doc_weight)
-        ms = [_scalars(eval_fn(params, batches.build(tok, es, i)[0], w))
+        # The phase's memory weights, not the last step's (which may have been a copy step).
+        ms = [_scalars(eval_fn(params, batches.build(tok, es, i)[0], phase.loss_weights()))
               for i in range(run.eval_batches)]
         row = {"step": done, "split": "test",
                **{k: float(np.mean([m[k] for m in ms])) for k in ms[0]}}
