@@ -68,6 +68,29 @@ def test_train_binary_writes_metrics_events_checkpoints_and_model(tiny_run, tmp_
     assert r["n"] == 2 and 0 <= r["accuracy"] <= 1 and 0 <= r["recall"] <= 1
 
 
+def test_a_run_starts_from_an_exported_checkpoint_of_the_same_architecture(tiny_run):
+  import jax
+  import numpy as np
+  from flax import nnx
+  from ml_collections import config_flags  # noqa: F401  (the configs' own dependency)
+  from msa_jax.interop import hf
+  from msa_jax.train import recipe
+  sys.path.insert(0, str(ROOT))
+  from experiments.configs import tiny
+  c = tiny.get_config()
+  _, exported = hf.load_checkpoint(tiny_run / "model")
+  fresh = nnx.to_pure_dict(nnx.state(recipe.initial_model(c)))
+  c.init_from = str(tiny_run / "model")
+  started = nnx.to_pure_dict(nnx.state(recipe.initial_model(c)))
+  same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), started, exported)
+  assert all(jax.tree.leaves(same))
+  differs = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), fresh, exported)
+  assert not all(jax.tree.leaves(differs))
+  c.model.hidden_size = 64
+  with pytest.raises(ValueError, match="differs from the run's"):
+    recipe.initial_model(c)
+
+
 def test_a_run_killed_with_sigkill_resumes_to_the_same_parameters(tiny_run, tmp_path):
   import os
   import signal

@@ -40,12 +40,22 @@ def run_config(c, cfg: ModelConfig) -> tuple[loop.RunConfig, batches.BatchSpec]:
   return run, spec
 
 
+def initial_model(c) -> MSAForCausalLM:
+  """The model a run starts from: `c.init_from` (an HF checkpoint directory) or a fresh init."""
+  cfg = model_config(c)
+  if not c.get("init_from"):
+    return from_params(cfg, hf.init_params(cfg, c.init_seed))
+  loaded, params = hf.load_checkpoint(c.init_from)
+  if loaded != cfg:
+    raise ValueError(f"init_from {c.init_from}: its config {loaded} differs from the run's {cfg}")
+  return from_params(cfg, params)
+
+
 def run(c, workdir: str, *, stop_after: int | None = None,
         log: Callable[[str], None] = print) -> MSAForCausalLM:
   """Trains (or resumes) and, when the run is complete, exports `<workdir>/model`."""
-  cfg = model_config(c)
-  model = from_params(cfg, hf.init_params(cfg, c.init_seed))
-  run_cfg, spec = run_config(c, cfg)
+  model = initial_model(c)
+  run_cfg, spec = run_config(c, model.cfg)
   eval_spec = batches.BatchSpec(**{**spec.__dict__, "split": Split.TEST})
   model = loop.train(model, ByteTokenizer(), run_cfg, workdir, eval_spec=eval_spec,
                      stop_after=stop_after, log=log)
@@ -66,6 +76,7 @@ def export(c, model: MSAForCausalLM, directory: str) -> None:
                    "examples_per_memory": c.data.rows, "id_digits": list(c.data.id_digits),
                    "tasks": c.data.tasks},
           "phases": [dict(p) for p in c.phases], "init_seed": c.init_seed,
+          "init_from": c.get("init_from"),
           "copy": dict(c.copy) if "copy" in c else None}
   tmp = os.path.join(directory, ".training.json.tmp")
   with open(tmp, "w") as f:
