@@ -14,15 +14,18 @@ from msa_jax import demo as shipped
 def get_config() -> ConfigDict:
   c = demo.get_config()
   c.init_from = str(shipped.path())
-  c.copy = ConfigDict(dict(span_rows=32, span_length=128, lookup_rows=8, lookup_fraction=0.5))
+  # SPAN rows are the ones that form the copy mechanism (in the copy-only runs it appeared after
+  # ~500-700 of them), so the copy stream is mostly SPAN; LOOKUP rows and answer rows teach the
+  # answer format.
+  c.copy = ConfigDict(dict(span_rows=32, span_length=128, lookup_rows=8, lookup_fraction=0.2))
   # A copy-only fine-tune of this model formed copying in ~700 steps but erased routing after
-  # 1,500 (BUILD_NOTES.md "Training"); so only 400 copy-only steps, then every second step a
-  # memory batch of the demo's last phase (36 documents, closing-id loss, restated question),
-  # with the answer loss weighted.
+  # 1,500 (BUILD_NOTES.md "Training"); so 700 copy-only steps, then every second step a memory
+  # batch of the demo's last phase (36 documents, closing-id loss, restated question) with the
+  # answer loss weighted, so that routing comes back while copying settles.
   c.phases = [
-      dict(steps=400, lr=1e-3, lm_weight=1.0, aux_weight=0.0, docs_per_example=3, warmup=30,
+      dict(steps=700, lr=1e-3, lm_weight=1.0, aux_weight=0.0, docs_per_example=3, warmup=30,
            copy_every=1),
-      dict(steps=700, lr=1e-3, lm_weight=1.0, aux_weight=0.5, docs_per_example=3, copy_every=2,
+      dict(steps=600, lr=1e-3, lm_weight=1.0, aux_weight=0.5, docs_per_example=3, copy_every=2,
            doc_weight=1.0, label_restated=True, answer_weight=1.0, decay_to=0.1),
   ]
   c.train.eval_every = 100
