@@ -68,6 +68,19 @@ def test_train_binary_writes_metrics_events_checkpoints_and_model(tiny_run, tmp_
     assert r["n"] == 2 and 0 <= r["accuracy"] <= 1 and 0 <= r["recall"] <= 1
 
 
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "experiments" / "configs").glob("*.py")
+                                         if p.stem != "__init__"))
+def test_every_committed_config_builds_a_run_and_documents_its_command(name):
+  import importlib
+  from msa_jax.train import recipe
+  sys.path.insert(0, str(ROOT))
+  module = importlib.import_module(f"experiments.configs.{name}")
+  c = module.get_config()
+  run, _ = recipe.run_config(c, recipe.model_config(c))
+  assert run.total_steps > 0
+  assert f"--config=experiments/configs/{name}.py" in module.__doc__
+
+
 def test_a_run_starts_from_an_exported_checkpoint_of_the_same_architecture(tiny_run):
   import jax
   import numpy as np
