@@ -85,7 +85,6 @@ def test_a_run_starts_from_an_exported_checkpoint_of_the_same_architecture(tiny_
   import jax
   import numpy as np
   from flax import nnx
-  from ml_collections import config_flags  # noqa: F401  (the configs' own dependency)
   from msa_jax.interop import hf
   from msa_jax.train import recipe
   sys.path.insert(0, str(ROOT))
