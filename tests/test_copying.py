@@ -60,6 +60,23 @@ def test_span_rows_label_only_text_that_already_occurred_in_the_row():
       assert copy in TOK.decode(row.ids[:a - 1]), copy
 
 
+def test_a_one_unit_span_row_copies_its_first_line_once_and_the_batch_pads_it():
+  spec = dataclasses.replace(SPEC, span_units=1, span_length=128, lookup_fraction=0.0)
+  lengths = set()
+  for row in [r for s in range(4) for r in copying.rows(TOK, spec, s)]:
+    lengths.add(row.ids.size)
+    assert row.ids.size <= 128 and row.roles.shape == row.ids.shape and row.roles[0] == roles.QUERY
+    (a, b), = _labelled_runs(row)  # exactly one copy, and it ends the row
+    assert b == row.ids.size
+    span = TOK.decode(row.ids).split("\n")[0]
+    assert TOK.decode(row.ids[a - 1:b]) == span + "\n"
+  assert len(lengths) > 1  # rows end with their unit, not at span_length
+  batch = batches.build_copy(TOK, spec, 0, top_k=2, pooling_size=4)
+  assert batch.input_ids.shape[1] == 128
+  with pytest.raises(ValueError, match="units"):
+    copying.rows(TOK, dataclasses.replace(spec, span_units=0), 0)
+
+
 def test_lookup_rows_answer_a_niah_question_from_the_pasted_documents():
   for row in _rows_of(copying.RowKind.LOOKUP):
     full = TOK.decode(row.ids)

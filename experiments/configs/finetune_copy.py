@@ -16,8 +16,10 @@ def get_config() -> ConfigDict:
   c.init_from = str(shipped.path())
   # SPAN rows are the ones that form the copy mechanism (in the copy-only runs it appeared after
   # ~500-700 of them), so the copy stream is mostly SPAN; LOOKUP rows and answer rows teach the
-  # answer format.
-  c.copy = ConfigDict(dict(span_rows=32, span_length=128, lookup_rows=8, lookup_fraction=0.2))
+  # answer format. One span unit per row: with rows packed full, earlier spans compete with the
+  # one to copy and copying did not form within 700 steps (BUILD_NOTES.md).
+  c.copy = ConfigDict(dict(span_rows=32, span_length=128, span_units=1, lookup_rows=8,
+                           lookup_fraction=0.1))
   # A copy-only fine-tune of this model formed copying in ~700 steps but erased routing after
   # 1,500 (BUILD_NOTES.md "Training"); so 700 copy-only steps, then every second step a memory
   # batch of the demo's last phase (36 documents, closing-id loss, restated question) with the

@@ -64,10 +64,17 @@ def _filler(rng: np.random.Generator) -> str:
   return text.essay_sentence(rng)[:n]
 
 
-def span_row(tok: Tokenizer, rng: np.random.Generator, split: Split, length: int) -> Row:
-  """SPAN units until the row holds `length` tokens (the last unit is cut)."""
-  ids, labels = [], []
-  while len(ids) < length:
+def span_row(tok: Tokenizer, rng: np.random.Generator, split: Split, length: int,
+             units: int | None = None) -> Row:
+  """SPAN units until the row holds `length` tokens (the last unit is cut), or `units` of them.
+
+  With `units` the row may be shorter than `length`; the batch pads it.
+  """
+  if units is not None and units < 1:
+    raise ValueError(f"span units per row must be >= 1 or None, got {units}")
+  ids, labels, n = [], [], 0
+  while len(ids) < length and (units is None or n < units):
+    n += 1
     span = text.draw(_span, rng, split)
     first = tok.encode(f"{span}\n{_filler(rng)}\n").tolist()
     again = tok.encode(f"{span}\n").tolist()
@@ -76,7 +83,7 @@ def span_row(tok: Tokenizer, rng: np.random.Generator, split: Split, length: int
     labels += [IGNORE_INDEX] * (len(first) + 1) + again[1:]
   ids, labels = np.asarray(ids[:length], np.int32), np.asarray(labels[:length], np.int32)
   # One routing token: the memory forward needs a query; it routes over the dummy memory.
-  role = np.full(length, roles.ACTIVE, np.int32)
+  role = np.full(ids.size, roles.ACTIVE, np.int32)
   role[0] = roles.QUERY
   return Row(RowKind.SPAN, ids, role, labels)
 
@@ -102,7 +109,10 @@ class CopySpec:
   """
 
   span_rows: int = 32
-  span_length: int = 128  # tokens of a SPAN row
+  span_length: int = 128  # tokens of a SPAN row (at most, with span_units)
+  # SPAN units per row; None packs units until the row is full. With one unit per row no earlier
+  # span competes with the one to copy (the setting under which copying first formed).
+  span_units: int | None = None
   lookup_rows: int = 8
   lookup_fraction: float = 0.5  # share of LOOKUP batches
   lookup_docs: tuple[int, int] = (2, 3)  # documents pasted in a LOOKUP row, inclusive range
@@ -119,7 +129,7 @@ def rows(tok: Tokenizer, spec: CopySpec, step: int) -> list[Row]:
   """The rows of copy batch `step` (a pure function of spec and step)."""
   rng = np.random.default_rng([spec.seed, int(spec.split), 11, step])
   if rng.random() >= spec.lookup_fraction:
-    return [span_row(tok, rng, spec.split, spec.span_length) for _ in range(spec.span_rows)]
+    return [span_row(tok, rng, spec.split, spec.span_length, spec.span_units) for _ in range(spec.span_rows)]
   lo, hi = spec.lookup_docs
   return [lookup_row(tok, rng, spec.split, spec.seed + 1, step * spec.lookup_rows + r,
                      spec.variants, int(rng.integers(lo, hi + 1)), spec.lookup_doc_chars)
