@@ -45,6 +45,7 @@ def test_rows_are_a_pure_function_of_the_step_and_batches_have_one_kind():
       np.testing.assert_array_equal(x.labels, y.labels)
   kinds = {copying.rows(TOK, SPEC, s)[0].kind for s in range(20)}
   assert kinds == set(copying.RowKind)
+  assert all(copying.batch_kind(SPEC, s) is copying.rows(TOK, SPEC, s)[0].kind for s in range(20))
 
 
 def test_span_rows_label_only_text_that_already_occurred_in_the_row():
@@ -124,7 +125,7 @@ def test_phases_interleave_copy_steps_and_need_a_copy_stream(tmp_path):
   phases = (loop.Phase(steps=2, lr=1e-3, lm_weight=1.0, aux_weight=0.0, docs_per_example=2,
                        copy_every=1),
             loop.Phase(steps=3, lr=1e-3, lm_weight=1.0, aux_weight=0.5, docs_per_example=2,
-                       copy_every=2))
+                       copy_every=2, lookup_fraction=1.0))
   assert [loop.phase_at(phases, s).is_copy_step(s) for s in range(5)] == [
       True, True, True, False, True]
   spec = batches.BatchSpec(tasks=batches.TaskMix.parse("niah_single_1"), rows=2,
@@ -140,6 +141,8 @@ def test_phases_interleave_copy_steps_and_need_a_copy_stream(tmp_path):
   rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   train = [r for r in rows if r["split"] == "train"]
   assert [r["batch"] for r in train] == ["copy", "copy", "copy", "memory", "copy"]
+  # The second phase overrides the stream's share of LOOKUP batches (0 -> 1).
+  assert [r["copy_kind"] for r in train] == ["span", "span", "lookup", None, "lookup"]
   assert all(r["aux_loss"] == 0.0 for r in train if r["batch"] == "copy")
   (test,) = [r for r in rows if r["split"] == "test"]
   assert 0.0 <= test["copy_span_accuracy"] <= 1.0 and 0.0 <= test["copy_lookup_accuracy"] <= 1.0

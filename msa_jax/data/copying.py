@@ -125,9 +125,18 @@ class CopySpec:
   split: Split = Split.TRAIN
 
 
+def _rng(spec: CopySpec, step: int) -> np.random.Generator:
+  return np.random.default_rng([spec.seed, int(spec.split), 11, step])
+
+
+def batch_kind(spec: CopySpec, step: int) -> RowKind:
+  """The kind of copy batch `step` (its rng's first draw, as in `rows`)."""
+  return RowKind.LOOKUP if _rng(spec, step).random() < spec.lookup_fraction else RowKind.SPAN
+
+
 def rows(tok: Tokenizer, spec: CopySpec, step: int) -> list[Row]:
   """The rows of copy batch `step` (a pure function of spec and step)."""
-  rng = np.random.default_rng([spec.seed, int(spec.split), 11, step])
+  rng = _rng(spec, step)
   if rng.random() >= spec.lookup_fraction:
     return [span_row(tok, rng, spec.split, spec.span_length, spec.span_units) for _ in range(spec.span_rows)]
   lo, hi = spec.lookup_docs

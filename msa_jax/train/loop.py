@@ -52,9 +52,17 @@ class Phase:
   # Every copy_every-th step trains on a dense copy batch (`RunConfig.copy`) with the LM loss
   # alone instead of a memory batch: 1 = a copy-only stage, 0 = none.
   copy_every: int = 0
+  # This phase's share of LOOKUP copy batches (None: `RunConfig.copy.lookup_fraction`), so that
+  # a later phase can shift the copy stream without changing the batches of earlier phases.
+  lookup_fraction: float | None = None
 
   def is_copy_step(self, step: int) -> bool:
     return self.copy_every > 0 and step % self.copy_every == 0
+
+  def copy_spec(self, base: copying.CopySpec) -> copying.CopySpec:
+    if self.lookup_fraction is None:
+      return base
+    return dataclasses.replace(base, lookup_fraction=self.lookup_fraction)
 
   def loss_weights(self) -> LossWeights:
     """The weights of this phase's memory batches (copy batches use the LM loss alone)."""
@@ -216,8 +224,9 @@ def train(model: MSAForCausalLM, tok: Tokenizer, run: RunConfig, workdir: str, *
       update = s // run.accumulate
       phase = phase_at(run.phases, update)
       copy_step = phase.is_copy_step(update)
+      copy_spec = phase.copy_spec(run.copy) if copy_step else None
       if copy_step:
-        batch = batches.build_copy(tok, run.copy, s, top_k=run.batch.top_k,
+        batch = batches.build_copy(tok, copy_spec, s, top_k=run.batch.top_k,
                                    pooling_size=model.cfg.msa.pooling_size)
         weights = LossWeights.of(1.0, 0.0)
         rows = batch.input_ids.shape[0]
@@ -235,7 +244,9 @@ def train(model: MSAForCausalLM, tok: Tokenizer, run: RunConfig, workdir: str, *
       done = s + 1
       if done % run.log_every == 0 or done == total:
         dt = time.time() - t_last
+        kind = copying.batch_kind(copy_spec, s).value if copy_step else None
         row = {"step": done, "split": "train", "batch": "copy" if copy_step else "memory",
+               "copy_kind": kind,
                "lr": float(sched(update)),
                "docs_per_example": phase.docs_per_example, "tokens_per_s": tokens_since / dt,
                "rows_per_s": rows_since / dt, "time": time.time(), **_scalars(metrics)}
