@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import jax
 import numpy as np
@@ -146,3 +147,21 @@ def test_phases_interleave_copy_steps_and_need_a_copy_stream(tmp_path):
   assert all(r["aux_loss"] == 0.0 for r in train if r["batch"] == "copy")
   (test,) = [r for r in rows if r["split"] == "test"]
   assert 0.0 <= test["copy_span_accuracy"] <= 1.0 and 0.0 <= test["copy_lookup_accuracy"] <= 1.0
+
+
+def test_a_phase_sets_the_memory_batches_size_labels_and_optional_overrides():
+  base = batches.BatchSpec(tasks=batches.TaskMix.parse("niah_single_1"), rows=3,
+                           docs_per_example=2, doc_chars=60, doc_len=batches.doc_len_for(60, 4),
+                           top_k=2, id_digits=(1, 2), answer_fraction=0.5, distractors=0)
+  plain = loop.Phase(steps=1, lr=1e-3, lm_weight=1.0, aux_weight=0.5, docs_per_example=3,
+                     doc_weight=1.0, label_restated=True)
+  spec = plain.batch_spec(base)
+  assert (spec.docs_per_example, spec.doc_labels, spec.label_restated) == (3, True, True)
+  assert (spec.distractors, spec.answer_fraction) == (0, 0.5)
+  spec = dataclasses.replace(plain, distractors=2, answer_fraction=1.0).batch_spec(base)
+  assert (spec.distractors, spec.answer_fraction) == (2, 1.0)
+  # Answer rows then paste documents besides the gold one.
+  batch, info = batches.build(TOK, spec, 0)
+  assert info["kinds"] == ["answer"] * 3
+  pasted = [len(re.findall(r"\[\d+\]\. ", TOK.decode(np.asarray(row)))) for row in batch.input_ids]
+  assert max(pasted) > 1 and all(1 <= n <= 3 for n in pasted), pasted

@@ -55,6 +55,9 @@ class Phase:
   # This phase's share of LOOKUP copy batches (None: `RunConfig.copy.lookup_fraction`), so that
   # a later phase can shift the copy stream without changing the batches of earlier phases.
   lookup_fraction: float | None = None
+  # Overrides of the memory batches' `BatchSpec.distractors` / `answer_fraction` (None: the run's).
+  distractors: int | None = None
+  answer_fraction: float | None = None
 
   def is_copy_step(self, step: int) -> bool:
     return self.copy_every > 0 and step % self.copy_every == 0
@@ -63,6 +66,14 @@ class Phase:
     if self.lookup_fraction is None:
       return base
     return dataclasses.replace(base, lookup_fraction=self.lookup_fraction)
+
+  def batch_spec(self, base: batches.BatchSpec) -> batches.BatchSpec:
+    """The memory batches of this phase: `base` with the phase's memory size, labels and overrides."""
+    overrides = {k: v for k, v in (("distractors", self.distractors),
+                                   ("answer_fraction", self.answer_fraction)) if v is not None}
+    return dataclasses.replace(base, docs_per_example=self.docs_per_example,
+                               doc_labels=self.doc_weight > 0,
+                               label_restated=self.label_restated, **overrides)
 
   def loss_weights(self) -> LossWeights:
     """The weights of this phase's memory batches (copy batches use the LM loss alone)."""
@@ -231,9 +242,7 @@ def train(model: MSAForCausalLM, tok: Tokenizer, run: RunConfig, workdir: str, *
         weights = LossWeights.of(1.0, 0.0)
         rows = batch.input_ids.shape[0]
       else:
-        spec = dataclasses.replace(run.batch, docs_per_example=phase.docs_per_example,
-                                   doc_labels=phase.doc_weight > 0,
-                                   label_restated=phase.label_restated)
+        spec = phase.batch_spec(run.batch)
         batch, _ = batches.build(tok, spec, s)
         weights = phase.loss_weights()
         rows = spec.rows
@@ -260,9 +269,7 @@ def train(model: MSAForCausalLM, tok: Tokenizer, run: RunConfig, workdir: str, *
             f"lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s")
         t_last, tokens_since, rows_since = time.time(), 0.0, 0
       if eval_spec is not None and (done % run.eval_every == 0 or done == total):
-        es = dataclasses.replace(eval_spec, docs_per_example=phase.docs_per_example,
-                                 doc_labels=phase.doc_weight > 0,
-                                 label_restated=phase.label_restated)
+        es = phase.batch_spec(eval_spec)
         # The phase's memory weights, not the last step's (which may have been a copy step).
         ms = [_scalars(eval_fn(params, batches.build(tok, es, i)[0], phase.loss_weights()))
               for i in range(run.eval_batches)]
