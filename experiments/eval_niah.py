@@ -37,7 +37,7 @@ def main(argv):
   del argv
   model, tok, data = demo.load(_MODEL.value)
   rows = []
-  print(f"{'task':<18} {'n':>4} {'accuracy':>9} {'recall@k':>9} {'named':>6} {'docs':>5} {'s':>6}")
+  print(f"{'task':<18} {'n':>4} {'accuracy':>9} {'exact':>6} {'recall@k':>9} {'named':>6} {'docs':>5} {'s':>6}")
   for task in _TASKS.value:
     t0 = time.time()
     r = evaluate.evaluate_task(model, tok, task, num_examples=_EXAMPLES.value,
@@ -46,7 +46,7 @@ def main(argv):
                                id_digits=data.id_digits, naming=_NAMING.value,
                                router_docs=_ROUTER_DOCS.value)
     rows.append({**r.as_dict(), "seconds": time.time() - t0})
-    print(f"{task:<18} {r.n:>4} {r.accuracy:>9.3f} {r.recall:>9.3f} {r.retrieved_recall:>6.3f} "
+    print(f"{task:<18} {r.n:>4} {r.accuracy:>9.3f} {r.exact:>6.3f} {r.recall:>9.3f} {r.retrieved_recall:>6.3f} "
           f"{r.docs:>5.2f} {time.time() - t0:>6.1f}", flush=True)
   result = {"model": _MODEL.value or "shipped demo", "top_k": model.cfg.msa.top_k_docs,
             "memory_docs": data.memory_docs, "naming": _NAMING.value.value, "tasks": rows}

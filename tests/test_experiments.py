@@ -66,6 +66,7 @@ def test_train_binary_writes_metrics_events_checkpoints_and_model(tiny_run, tmp_
   assert [r["task"] for r in result["tasks"]] == ["niah_single_1", "niah_multivalue"]
   for r in result["tasks"]:
     assert r["n"] == 2 and 0 <= r["accuracy"] <= 1 and 0 <= r["recall"] <= 1
+    assert 0 <= r["exact"] <= r["accuracy"]  # an exact answer holds every value
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "experiments" / "configs").glob("*.py")

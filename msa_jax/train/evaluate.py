@@ -9,6 +9,8 @@ it), their text is appended, and the model answers.
 Metrics per task:
 - accuracy: RULER `string_match_all` — the fraction of reference values found (case-insensitive)
   in the answer, averaged over questions;
+- exact: the fraction of answers that are exactly the reference answer text (RULER's metric
+  also credits an answer that lists extra values; this one does not);
 - recall: the fraction of gold documents among the top-k routed documents of the first round
   (averaged over router layers), i.e. document recall@k of the router;
 - retrieved_recall: the fraction of gold documents named (their text was appended);
@@ -38,6 +40,7 @@ class TaskResult:
   task: str
   n: int
   accuracy: float
+  exact: float
   recall: float
   retrieved_recall: float
   docs: float
@@ -76,7 +79,7 @@ def evaluate_task(model: MSAForCausalLM, tok: Tokenizer, task: str, *, num_examp
                   content: ContentPath = ContentPath.DEVICE,
                   naming: interleave.Naming = interleave.Naming.MODEL,
                   router_docs: int = 2) -> TaskResult:
-  acc, rec, ret, ndocs, toks = [], [], [], [], []
+  acc, exact, rec, ret, ndocs, toks = [], [], [], [], [], []
   for g in range(-(-num_examples // group)):
     idx = range(g * group, min(num_examples, (g + 1) * group))
     examples = [batches.make_example(task, seed=seed, split=split, index=i,
@@ -92,11 +95,13 @@ def evaluate_task(model: MSAForCausalLM, tok: Tokenizer, task: str, *, num_examp
                             router_docs=router_docs)
     for ex, gd, tr in zip(examples, gold, traces):
       acc.append(string_match_all(tr.answer, ex.answers))
+      exact.append(float(tr.answer.strip() == ex.answer_text))
       first = tr.rounds[0].selected if tr.rounds else {}
       rec.append(np.mean([np.mean([x in sel for x in gd]) for sel in first.values()]) if first
                  else 0.0)
       ret.append(np.mean([x in tr.retrieved for x in gd]))
       ndocs.append(len(tr.retrieved))
-  return TaskResult(task=task, n=len(acc), accuracy=float(np.mean(acc)), recall=float(np.mean(rec)),
+  return TaskResult(task=task, n=len(acc), accuracy=float(np.mean(acc)),
+                    exact=float(np.mean(exact)), recall=float(np.mean(rec)),
                     retrieved_recall=float(np.mean(ret)), docs=float(np.mean(ndocs)),
                     memory_docs=group * docs_per_example, memory_tokens=float(np.mean(toks)))
