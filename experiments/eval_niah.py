@@ -30,6 +30,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the held-out stream.")
 _NAMING = flags.DEFINE_enum_class("naming", Naming.MODEL, Naming,
                                   "Who names the documents to append: the model or the router.")
 _ROUTER_DOCS = flags.DEFINE_integer("router_docs", 2, "Documents the router names (--naming=router).")
+_MAX_ROUNDS = flags.DEFINE_integer("max_rounds", 3, "Retrieval rounds at most (NIAH needs one).")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")
 
 
@@ -44,12 +45,12 @@ def main(argv):
                                docs_per_example=data.docs_per_example, doc_chars=data.doc_chars,
                                group=data.examples_per_memory, seed=_SEED.value,
                                id_digits=data.id_digits, naming=_NAMING.value,
-                               router_docs=_ROUTER_DOCS.value)
+                               router_docs=_ROUTER_DOCS.value, max_rounds=_MAX_ROUNDS.value)
     rows.append({**r.as_dict(), "seconds": time.time() - t0})
     print(f"{task:<18} {r.n:>4} {r.accuracy:>9.3f} {r.exact:>6.3f} {r.recall:>9.3f} {r.retrieved_recall:>6.3f} "
           f"{r.docs:>5.2f} {time.time() - t0:>6.1f}", flush=True)
   result = {"model": _MODEL.value or "shipped demo", "top_k": model.cfg.msa.top_k_docs,
-            "memory_docs": data.memory_docs, "naming": _NAMING.value.value, "tasks": rows}
+            "memory_docs": data.memory_docs, "naming": _NAMING.value.value, "max_rounds": _MAX_ROUNDS.value, "tasks": rows}
   if _OUTPUT.value:
     with open(_OUTPUT.value, "w") as f:
       json.dump(result, f, indent=2)
