@@ -39,7 +39,8 @@ _TASKS = flags.DEFINE_list("tasks", [v.value for v in niah_data.Variant], "NIAH 
 _PER_TASK = flags.DEFINE_integer("per_task", 4, "Questions per variant (the same at every size).")
 _NAMING = flags.DEFINE_enum_class("naming", Naming.ROUTER, Naming,
                                   "Who names the documents to append: the router or the model.")
-_ROUTER_DOCS = flags.DEFINE_integer("router_docs", 2, "Documents the router names per round.")
+_ROUTER_DOCS = flags.DEFINE_integer("router_docs", 1, "Documents the router names per round "
+                                    "(the demo model copies from one pasted needle).")
 _MAX_ROUNDS = flags.DEFINE_integer("max_rounds", 1, "Retrieval rounds (NIAH needs one).")
 _DENSE_MAX = flags.DEFINE_string("dense_max", "16K", "Largest size run with the dense baseline "
                                  "(0: none). Its cost grows with the square of the size.")

@@ -1,6 +1,7 @@
 """The shipped demo model: a small MSA model trained from scratch on synthetic NIAH.
 
-`experiments/configs/demo.py` is its recipe. `load()` returns the model, its tokenizer and the
+Its recipe is two runs: `experiments/configs/demo.py` (routing), then
+`experiments/configs/finetune_copy.py` (copying answers from the documents the router names). `load()` returns the model, its tokenizer and the
 memory layout it was trained on (`DemoData`), so that evaluations can build memories of the same
 kind. The checkpoint is the HF layout of SPEC §11 under `msa_jax/assets/demo_model`.
 """

@@ -5,10 +5,9 @@ Command (CPU, about 90 minutes on 2 cores; resumable — rerun the same command 
 
 Expected (measured, BUILD_NOTES.md "Training"): at the training memory size (36 documents) the
 router finds the needle document (recall@8 = 1.0 on seven of the eight NIAH variants), but the
-model has not learned to copy ids or values (answer accuracy 0); the acceptance bar of answer
-accuracy >= 0.9 is not met. The run writes out/demo/metrics.jsonl, TensorBoard events in
-out/demo/tb and the exported HF checkpoint in out/demo/model (what ships as
-msa_jax/assets/demo_model).
+model has not learned to copy ids or values (answer accuracy 0). The run writes
+out/demo/metrics.jsonl, TensorBoard events in out/demo/tb and the exported HF checkpoint in
+out/demo/model, which finetune_copy.py starts from (the two runs make the shipped model).
 """
 
 from ml_collections import ConfigDict
