@@ -31,7 +31,8 @@ _NAMING = flags.DEFINE_enum_class("naming", Naming.ROUTER, Naming,
                                   "Who names the documents to append: the model or the router.")
 # The demo model answers from one pasted needle; it has not learned to name documents itself or
 # to pick the matching key among several pasted needles (BUILD_NOTES.md, "Training").
-_ROUTER_DOCS = flags.DEFINE_integer("router_docs", 1, "Documents the router names (--naming=router).")
+_ROUTER_DOCS = flags.DEFINE_integer("router_docs", 1,
+                                    "Documents the router names (--naming=router).")
 _MAX_ROUNDS = flags.DEFINE_integer("max_rounds", 1, "Retrieval rounds at most (NIAH needs one).")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")
 

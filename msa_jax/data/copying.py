@@ -138,7 +138,8 @@ def rows(tok: Tokenizer, spec: CopySpec, step: int) -> list[Row]:
   """The rows of copy batch `step` (a pure function of spec and step)."""
   rng = _rng(spec, step)
   if rng.random() >= spec.lookup_fraction:
-    return [span_row(tok, rng, spec.split, spec.span_length, spec.span_units) for _ in range(spec.span_rows)]
+    return [span_row(tok, rng, spec.split, spec.span_length, spec.span_units)
+            for _ in range(spec.span_rows)]
   lo, hi = spec.lookup_docs
   return [lookup_row(tok, rng, spec.split, spec.seed + 1, step * spec.lookup_rows + r,
                      spec.variants, int(rng.integers(lo, hi + 1)), spec.lookup_doc_chars)

@@ -68,7 +68,7 @@ class Phase:
     return dataclasses.replace(base, lookup_fraction=self.lookup_fraction)
 
   def batch_spec(self, base: batches.BatchSpec) -> batches.BatchSpec:
-    """The memory batches of this phase: `base` with the phase's memory size, labels and overrides."""
+    """This phase's memory batches: `base` with its memory size, labels and overrides."""
     overrides = {k: v for k, v in (("distractors", self.distractors),
                                    ("answer_fraction", self.answer_fraction)) if v is not None}
     return dataclasses.replace(base, docs_per_example=self.docs_per_example,
