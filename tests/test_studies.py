@@ -107,6 +107,13 @@ def test_string_match_all_is_rulers_metric():
   assert stats.string_match_all("ABC", ["abc"]) == 1.0
 
 
+def test_exact_match_does_not_credit_extra_values():
+  assert stats.exact_match(" 12 and 34\n", "12 and 34") == 1.0
+  # RULER's metric credits an answer that lists every value it saw; the exact rate does not.
+  assert stats.string_match_all("56, 12 and 34", ["12", "34"]) == 1.0
+  assert stats.exact_match("56, 12 and 34", "12 and 34") == 0.0
+
+
 def test_summarize_groups_by_task():
   o = [run.Outcome("a", 1.0, 1.0, (1.0,), 2, 0.1, "x"), run.Outcome("a", 0.0, 0.5, (0.0,), 2, 0.3, "y"),
        run.Outcome("b", 1.0, float("nan"), (1.0, 0.0), 1, 0.2, "z")]

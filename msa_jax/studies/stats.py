@@ -11,6 +11,11 @@ def string_match_all(prediction: str, references) -> float:
   return float(np.mean([r.lower() in p for r in references]))
 
 
+def exact_match(prediction: str, reference: str) -> float:
+  """1.0 when the prediction is the reference answer text (surrounding whitespace aside)."""
+  return float(prediction.strip() == reference.strip())
+
+
 def bootstrap_ci(values, *, level: float = 0.95, resamples: int = 2000,
                  seed: int = 0) -> tuple[float, float]:
   """Percentile bootstrap confidence interval of the mean of `values` (n >= 1)."""

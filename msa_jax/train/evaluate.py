@@ -31,7 +31,7 @@ from msa_jax.engine.encode import encode_documents
 from msa_jax.engine.run import BankRunner, ContentPath
 from msa_jax.memory.bank import BankSpec, MemoryBank
 from msa_jax.nn.model import MSAForCausalLM
-from msa_jax.studies.stats import string_match_all
+from msa_jax.studies.stats import exact_match, string_match_all
 from msa_jax.train import batches
 
 
@@ -95,7 +95,7 @@ def evaluate_task(model: MSAForCausalLM, tok: Tokenizer, task: str, *, num_examp
                             router_docs=router_docs)
     for ex, gd, tr in zip(examples, gold, traces):
       acc.append(string_match_all(tr.answer, ex.answers))
-      exact.append(float(tr.answer.strip() == ex.answer_text))
+      exact.append(exact_match(tr.answer, ex.answer_text))
       first = tr.rounds[0].selected if tr.rounds else {}
       rec.append(np.mean([np.mean([x in sel for x in gd]) for sel in first.values()]) if first
                  else 0.0)
