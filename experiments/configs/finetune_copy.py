@@ -21,8 +21,8 @@ def get_config() -> ConfigDict:
   c.init_from = "out/demo/model"  # demo.py's export (relative to the repository root)
   # SPAN rows are the ones that form the copy mechanism (in the copy-only runs it appeared after
   # ~500-700 of them), so the copy stream is mostly SPAN; LOOKUP rows and answer rows teach the
-  # answer format. One span unit per row: with rows packed full, earlier spans compete with the
-  # one to copy and copying did not form within 700 steps (BUILD_NOTES.md).
+  # answer format. One span unit per row, the layout of the probe in which copying first formed
+  # (here it still took ~1,900 steps, so the layout is not what sets the plateau; BUILD_NOTES.md).
   c.copy = ConfigDict(dict(span_rows=32, span_length=128, span_units=1, lookup_rows=8,
                            lookup_fraction=0.1))
   # Copy-only steps until copying forms (one-unit SPAN rows: held-out SPAN accuracy 0.13-0.25
@@ -44,7 +44,8 @@ def get_config() -> ConfigDict:
            lookup_fraction=0.5),
       # Named documents at inference come from different examples, each with a needle of its
       # own key: answer rows with up to 3 other documents of the memory pasted beside the gold
-      # one, so the value is copied from the needle whose key matches the question.
+      # one, so the value is copied from the needle whose key matches the question (measured: this
+  # key matching did not form in 600 steps; BUILD_NOTES.md).
       dict(steps=600, lr=1e-3, lm_weight=1.0, aux_weight=0.5, docs_per_example=3, warmup=20,
            copy_every=3, doc_weight=1.0, label_restated=True, answer_weight=1.0, decay_to=0.1,
            lookup_fraction=0.5, distractors=3, answer_fraction=0.75),
