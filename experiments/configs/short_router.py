@@ -1,4 +1,6 @@
-"""Stage 1 of a shorter candidate recipe (measured: it fails end to end, see short_copy.py) for the demo model: demo.py's first 800 steps.
+"""Stage 1 of a shorter candidate recipe for the demo model: demo.py's first 800 steps.
+
+Measured: the candidate fails end to end (short_copy.py, BUILD_NOTES.md).
 
 Command (CPU, about 30-35 minutes on 2 cores; resumable — rerun the same command after a kill):
   python experiments/train.py --config=experiments/configs/short_router.py --workdir=out/router
