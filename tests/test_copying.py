@@ -126,7 +126,7 @@ def test_phases_interleave_copy_steps_and_need_a_copy_stream(tmp_path):
   phases = (loop.Phase(steps=2, lr=1e-3, lm_weight=1.0, aux_weight=0.0, docs_per_example=2,
                        copy_every=1),
             loop.Phase(steps=3, lr=1e-3, lm_weight=1.0, aux_weight=0.5, docs_per_example=2,
-                       copy_every=2, lookup_fraction=1.0))
+                       copy_every=2, lookup_fraction=1.0, hop_fraction=0.5))
   assert [loop.phase_at(phases, s).is_copy_step(s) for s in range(5)] == [
       True, True, True, False, True]
   spec = batches.BatchSpec(tasks=batches.TaskMix.parse("niah_single_1"), rows=2,
@@ -147,6 +147,8 @@ def test_phases_interleave_copy_steps_and_need_a_copy_stream(tmp_path):
   assert all(r["aux_loss"] == 0.0 for r in train if r["batch"] == "copy")
   (test,) = [r for r in rows if r["split"] == "test"]
   assert 0.0 <= test["copy_span_accuracy"] <= 1.0 and 0.0 <= test["copy_lookup_accuracy"] <= 1.0
+  # A run with multi-hop LOOKUP rows also reports them alone.
+  assert 0.0 <= test["copy_hop_accuracy"] <= 1.0 and 0.0 <= test["copy_hop_exact"] <= 1.0
 
 
 def test_a_phase_sets_the_memory_batches_size_labels_and_optional_overrides():
@@ -163,5 +165,44 @@ def test_a_phase_sets_the_memory_batches_size_labels_and_optional_overrides():
   # Answer rows then paste documents besides the gold one.
   batch, info = batches.build(TOK, spec, 0)
   assert info["kinds"] == ["answer"] * 3
+  # A phase may change the memory batches' task mix and the copy stream's multi-hop share.
+  hop = dataclasses.replace(plain, tasks="bridge:1,chain_2:1", hop_fraction=0.25)
+  assert [n for n, _ in hop.batch_spec(base).tasks.weights] == ["bridge", "chain_2"]
+  assert hop.copy_spec(copying.CopySpec()).hop_fraction == 0.25
+  assert plain.copy_spec(copying.CopySpec(hop_fraction=0.1)).hop_fraction == 0.1
   pasted = [len(re.findall(r"\[\d+\]\. ", TOK.decode(np.asarray(row)))) for row in batch.input_ids]
   assert max(pasted) > 1 and all(1 <= n <= 3 for n in pasted), pasted
+
+
+def test_hop_lookup_rows_paste_every_hop_and_hard_negatives_and_answer_the_last_hop():
+  spec = dataclasses.replace(SPEC, lookup_fraction=1.0, hop_fraction=1.0, lookup_rows=6)
+  docs_per_row, chains = set(), 0
+  for s in range(4):
+    for row in copying.rows(TOK, spec, s):
+      full = TOK.decode(row.ids)
+      head, _, answer = full.rpartition(render.ANSWER_LEAD)
+      value = answer.removesuffix("<|im_end|>")
+      labelled = TOK.decode(row.ids[row.labels != IGNORE_INDEX])
+      assert labelled.endswith(render.ANSWER_LEAD + value + "<|im_end|>")
+      pasted = head.split("<|object_ref_end|>")[1]
+      docs_per_row.add(len(re.findall(r"\[\d+\]\.", pasted)))
+      assert value in pasted  # the last hop's document
+      if (m := re.search(r"value of (VAR \w+)", full)):  # a chain: its first hop is pasted too
+        chains += 1
+        assert f"{m.group(1)} = " in pasted
+  assert chains > 0
+  assert docs_per_row <= {3, 4, 5} and len(docs_per_row) >= 2  # 2-3 hops + 1-2 hard negatives
+
+
+def test_hop_share_zero_leaves_the_niah_lookup_stream_unchanged_and_bad_tasks_fail():
+  plain = dataclasses.replace(SPEC, lookup_fraction=1.0)
+  explicit = dataclasses.replace(plain, hop_fraction=0.0, hop_tasks=("chain_3",))
+  for s in range(3):
+    assert [r.ids.tolist() for r in copying.rows(TOK, plain, s)] == [
+        r.ids.tolist() for r in copying.rows(TOK, explicit, s)]
+  with pytest.raises(ValueError, match="not a multi-hop task"):
+    copying.CopySpec(hop_fraction=0.5, hop_tasks=("niah_single_1",))
+  with pytest.raises(ValueError, match="unknown task"):
+    copying.CopySpec(hop_fraction=0.5, hop_tasks=("bridges",))
+  with pytest.raises(ValueError, match="hop_fraction"):
+    copying.CopySpec(hop_fraction=1.5)

@@ -11,7 +11,10 @@ copy:
   varies and position alone predicts nothing.
 - `RowKind.LOOKUP`: an answer step of a NIAH example in the MSA format (`render.training_active`)
   with the example's short documents pasted in shuffled order: restated question and answer
-  labelled — copying the value that follows the key, among distractor documents.
+  labelled — copying the value that follows the key, among distractor documents. With
+  `hop_fraction`, that share of LOOKUP rows is a multi-hop example instead (its gold documents of
+  every hop and 1-2 hard-negative documents pasted): the answer is found only by matching the
+  question to one document and that document's bridge entity (or variable) to the next.
 
 Row `index` is a pure function of (seed, split, index); SPAN strings and LOOKUP keys/values obey
 the train/test string split (`text.split_of`).
@@ -25,7 +28,7 @@ import string
 
 import numpy as np
 
-from msa_jax.data import niah, render, text
+from msa_jax.data import niah, render, synthetic, text
 from msa_jax.data.text import Split
 from msa_jax.data.tokenizer import Tokenizer
 from msa_jax.math import roles
@@ -89,10 +92,10 @@ def span_row(tok: Tokenizer, rng: np.random.Generator, split: Split, length: int
 
 
 def lookup_row(tok: Tokenizer, rng: np.random.Generator, split: Split, seed: int, index: int,
-               variants: tuple[niah.Variant, ...], num_docs: int, doc_chars: int) -> Row:
-  variant = variants[int(rng.integers(len(variants)))]
-  ex = niah.example(variant, seed=seed, split=split, index=index, num_docs=num_docs,
-                    doc_chars=doc_chars)
+               task: str, num_docs: int, doc_chars: int) -> Row:
+  """The answer step of `synthetic.example(task, ...)` with all its documents pasted, shuffled."""
+  ex = synthetic.example(task, seed=seed, split=split, index=index, num_docs=num_docs,
+                         doc_chars=doc_chars)
   order = rng.permutation(len(ex.docs))
   rounds = [([ex.doc_ids[j] for j in order], [ex.docs[j] for j in order])]
   act = render.training_active(tok, ex.question, ex.answer_text, rounds, 1, label_restated=True)
@@ -121,8 +124,21 @@ class CopySpec:
   # answers (4 values) are the MSA batches' job.
   variants: tuple[niah.Variant, ...] = tuple(v for v in niah.Variant if v.value.startswith(
       ("niah_single", "niah_multikey")))
+  # Share of LOOKUP rows drawn from `hop_tasks` (names as in `synthetic`) instead of `variants`;
+  # their documents are longer because a fact sentence alone is up to ~60 bytes.
+  hop_fraction: float = 0.0
+  hop_tasks: tuple[str, ...] = ("bridge", "chain_2", "chain_3")
+  hop_doc_chars: int = 96
   seed: int = 0
   split: Split = Split.TRAIN
+
+  def __post_init__(self):
+    if not 0 <= self.hop_fraction <= 1:
+      raise ValueError(f"hop_fraction must be in [0, 1], got {self.hop_fraction}")
+    object.__setattr__(self, "hop_tasks", tuple(self.hop_tasks))
+    for name in self.hop_tasks:
+      if synthetic.hops_of(name) < 2:
+        raise ValueError(f"hop_tasks holds {name!r}, which is not a multi-hop task")
 
 
 def _rng(spec: CopySpec, step: int) -> np.random.Generator:
@@ -134,13 +150,24 @@ def batch_kind(spec: CopySpec, step: int) -> RowKind:
   return RowKind.LOOKUP if _rng(spec, step).random() < spec.lookup_fraction else RowKind.SPAN
 
 
+def _lookup(tok: Tokenizer, spec: CopySpec, rng: np.random.Generator, index: int) -> Row:
+  lo, hi = spec.lookup_docs
+  num_docs = int(rng.integers(lo, hi + 1))
+  # No draw for the hop share when it is 0, so NIAH-only streams stay what they were.
+  if spec.hop_fraction > 0 and rng.random() < spec.hop_fraction:
+    task = spec.hop_tasks[int(rng.integers(len(spec.hop_tasks)))]
+    num_docs = synthetic.hops_of(task) + num_docs - lo + 1  # every hop plus 1-2 hard negatives
+    doc_chars = spec.hop_doc_chars
+  else:
+    task = spec.variants[int(rng.integers(len(spec.variants)))].value
+    doc_chars = spec.lookup_doc_chars
+  return lookup_row(tok, rng, spec.split, spec.seed + 1, index, task, num_docs, doc_chars)
+
+
 def rows(tok: Tokenizer, spec: CopySpec, step: int) -> list[Row]:
   """The rows of copy batch `step` (a pure function of spec and step)."""
   rng = _rng(spec, step)
   if rng.random() >= spec.lookup_fraction:
     return [span_row(tok, rng, spec.split, spec.span_length, spec.span_units)
             for _ in range(spec.span_rows)]
-  lo, hi = spec.lookup_docs
-  return [lookup_row(tok, rng, spec.split, spec.seed + 1, step * spec.lookup_rows + r,
-                     spec.variants, int(rng.integers(lo, hi + 1)), spec.lookup_doc_chars)
-          for r in range(spec.lookup_rows)]
+  return [_lookup(tok, spec, rng, step * spec.lookup_rows + r) for r in range(spec.lookup_rows)]

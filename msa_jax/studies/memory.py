@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from msa_jax.data import render
+from msa_jax.data import render, synthetic
 from msa_jax.data.text import Split
 from msa_jax.data.tokenizer import Tokenizer
 from msa_jax.train import batches
@@ -58,8 +58,8 @@ class Memory:
 
 def _examples(task: str, indices, *, seed: int, split: Split, docs_per_example: int,
               doc_chars: int):
-  return [batches.make_example(task, seed=seed, split=split, index=int(i),
-                               num_docs=docs_per_example, doc_chars=doc_chars) for i in indices]
+  return [synthetic.example(task, seed=seed, split=split, index=int(i),
+                            num_docs=docs_per_example, doc_chars=doc_chars) for i in indices]
 
 
 def build(tasks: Sequence[str], per_task: int, size_tokens: int, *, doc_chars: int,
@@ -89,8 +89,8 @@ def build(tasks: Sequence[str], per_task: int, size_tokens: int, *, doc_chars: i
     total, f = size(texts), 0
     start = per_task + 1_000_000 * (g + 1)  # disjoint from the asked examples and other groups
     while total < size_tokens:
-      docs = batches.make_example(tasks[f % len(tasks)], seed=seed, split=split, index=start + f,
-                                  num_docs=docs_per_example, doc_chars=doc_chars).docs
+      docs = synthetic.example(tasks[f % len(tasks)], seed=seed, split=split, index=start + f,
+                               num_docs=docs_per_example, doc_chars=doc_chars).docs
       texts += docs
       total += size(docs)
       f += 1

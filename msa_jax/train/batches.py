@@ -16,7 +16,7 @@ import enum
 
 import numpy as np
 
-from msa_jax.data import copying, multihop, niah, render
+from msa_jax.data import copying, niah, render, synthetic
 from msa_jax.data.text import Split
 from msa_jax.data.tokenizer import Special, Tokenizer
 from msa_jax.math import pooling
@@ -43,7 +43,7 @@ class TaskMix:
     out = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
       name, _, w = part.partition(":")
-      _task_fn(name)  # validates
+      synthetic.generator(name)  # validates
       out.append((name, float(w) if w else 1.0))
     if not out:
       raise ValueError("empty task mix")
@@ -53,25 +53,6 @@ class TaskMix:
     names = [n for n, _ in self.weights]
     p = np.asarray([w for _, w in self.weights], float)
     return names[int(rng.choice(len(names), p=p / p.sum()))]
-
-
-def _task_fn(name: str):
-  """A callable (seed, split, index, num_docs, doc_chars, id_digits) -> Example for a task name."""
-  if name.startswith("niah_"):
-    variant = niah.Variant(name)
-    return lambda **kw: niah.example(variant, **kw)
-  if name == "bridge":
-    return lambda **kw: multihop.example(multihop.HopTask.BRIDGE, hops=2, **kw)
-  if name.startswith("chain_"):
-    hops = int(name.split("_")[1])
-    return lambda **kw: multihop.example(multihop.HopTask.CHAIN, hops=hops, **kw)
-  raise ValueError(f"unknown task {name!r}")
-
-
-def make_example(name: str, *, seed: int, split: Split, index: int, num_docs: int,
-                 doc_chars: int, id_digits: tuple[int, int] = (1, 6)) -> niah.Example:
-  return _task_fn(name)(seed=seed, split=split, index=index, num_docs=num_docs,
-                        doc_chars=doc_chars, id_digits=id_digits)
 
 
 def rounds_of(ex: niah.Example) -> tuple[tuple[int, ...], ...]:
@@ -110,9 +91,9 @@ def build(tok: Tokenizer, spec: BatchSpec, step: int) -> tuple[MemoryBatch, dict
   for r in range(spec.rows):
     name = spec.tasks.pick(rng)
     names.append(name)
-    examples.append(make_example(name, seed=spec.seed, split=spec.split, index=step * spec.rows + r,
-                                 num_docs=spec.docs_per_example, doc_chars=spec.doc_chars,
-                                 id_digits=spec.id_digits))
+    examples.append(synthetic.example(name, seed=spec.seed, split=spec.split,
+                                      index=step * spec.rows + r, num_docs=spec.docs_per_example,
+                                      doc_chars=spec.doc_chars, id_digits=spec.id_digits))
   all_texts = [t for ex in examples for t in ex.docs]
   ids = niah.draw_doc_ids(rng, len(all_texts), spec.id_digits)
   docs = render.render_docs(tok, ids, all_texts)

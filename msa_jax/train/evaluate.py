@@ -23,7 +23,7 @@ import dataclasses
 
 import numpy as np
 
-from msa_jax.data import niah, render
+from msa_jax.data import niah, render, synthetic
 from msa_jax.data.text import Split
 from msa_jax.data.tokenizer import Tokenizer
 from msa_jax.engine import interleave
@@ -82,9 +82,9 @@ def evaluate_task(model: MSAForCausalLM, tok: Tokenizer, task: str, *, num_examp
   acc, exact, rec, ret, ndocs, toks = [], [], [], [], [], []
   for g in range(-(-num_examples // group)):
     idx = range(g * group, min(num_examples, (g + 1) * group))
-    examples = [batches.make_example(task, seed=seed, split=split, index=i,
-                                     num_docs=docs_per_example, doc_chars=doc_chars,
-                                     id_digits=id_digits) for i in idx]
+    examples = [synthetic.example(task, seed=seed, split=split, index=i,
+                                  num_docs=docs_per_example, doc_chars=doc_chars,
+                                  id_digits=id_digits) for i in idx]
     rng = np.random.default_rng([seed, int(split), 11, g])
     bank, texts, gold, n_tokens = build_memory(model, tok, examples, rng, id_digits)
     toks.append(n_tokens)

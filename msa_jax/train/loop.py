@@ -55,22 +55,28 @@ class Phase:
   # This phase's share of LOOKUP copy batches (None: `RunConfig.copy.lookup_fraction`), so that
   # a later phase can shift the copy stream without changing the batches of earlier phases.
   lookup_fraction: float | None = None
-  # Overrides of the memory batches' `BatchSpec.distractors` / `answer_fraction` (None: the run's).
+  # This phase's share of multi-hop LOOKUP rows (None: `RunConfig.copy.hop_fraction`).
+  hop_fraction: float | None = None
+  # Overrides of the memory batches' `BatchSpec.distractors` / `answer_fraction` (None: the run's)
+  # and of their task mix ("niah_single_1:2,bridge:1"; None: the run's).
   distractors: int | None = None
   answer_fraction: float | None = None
+  tasks: str | None = None
 
   def is_copy_step(self, step: int) -> bool:
     return self.copy_every > 0 and step % self.copy_every == 0
 
   def copy_spec(self, base: copying.CopySpec) -> copying.CopySpec:
-    if self.lookup_fraction is None:
-      return base
-    return dataclasses.replace(base, lookup_fraction=self.lookup_fraction)
+    overrides = {k: v for k, v in (("lookup_fraction", self.lookup_fraction),
+                                   ("hop_fraction", self.hop_fraction)) if v is not None}
+    return dataclasses.replace(base, **overrides)
 
   def batch_spec(self, base: batches.BatchSpec) -> batches.BatchSpec:
     """This phase's memory batches: `base` with its memory size, labels and overrides."""
     overrides = {k: v for k, v in (("distractors", self.distractors),
                                    ("answer_fraction", self.answer_fraction)) if v is not None}
+    if self.tasks is not None:
+      overrides["tasks"] = batches.TaskMix.parse(self.tasks)
     return dataclasses.replace(base, docs_per_example=self.docs_per_example,
                                doc_labels=self.doc_weight > 0,
                                label_restated=self.label_restated, **overrides)
@@ -277,12 +283,17 @@ def train(model: MSAForCausalLM, tok: Tokenizer, run: RunConfig, workdir: str, *
                **{k: float(np.mean([m[k] for m in ms])) for k in ms[0]}}
         if run.copy is not None:
           cs = dataclasses.replace(run.copy, split=eval_spec.split)
-          for kind, fraction in (("span", 0.0), ("lookup", 1.0)):
+          kinds = [("span", 0.0, 0.0), ("lookup", 1.0, 0.0)]
+          if run.copy.hop_fraction > 0 or any(p.hop_fraction for p in run.phases):
+            kinds.append(("hop", 1.0, 1.0))  # multi-hop LOOKUP rows only
+          for kind, fraction, hops in kinds:
             m = _scalars(eval_fn(params, batches.build_copy(
-                tok, dataclasses.replace(cs, lookup_fraction=fraction), 0,
+                tok, dataclasses.replace(cs, lookup_fraction=fraction, hop_fraction=hops), 0,
                 top_k=run.batch.top_k, pooling_size=model.cfg.msa.pooling_size),
                 LossWeights.of(1.0, 0.0)))
             row[f"copy_{kind}_accuracy"] = m["token_accuracy"]
+            if kind == "hop":  # every labelled token right: the restated question and the answer
+              row["copy_hop_exact"] = m["exact"]
         out.write(json.dumps(row) + "\n")
         out.flush()
         for k, v in row.items():
