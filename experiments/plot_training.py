@@ -1,9 +1,11 @@
 """Training curves of a run: loss terms, router recall, teacher-forced exact match (and copy accuracy).
 
 Train curves are of memory batches only; a run with copy batches gets a fourth panel with the
-held-out copy accuracies.
+held-out copy accuracies. Several workdirs (a recipe of runs, each starting from the previous
+one's export) are drawn one after the other on one step axis, a dashed line at each boundary.
 
   python experiments/plot_training.py --workdir=out/demo --output=docs/demo_training.png
+  python experiments/plot_training.py --workdir=out/demo,out/finetune --output=docs/recipe.png
 """
 
 import json
@@ -14,7 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.", required=True)
+_WORKDIR = flags.DEFINE_list("workdir", None, "Training run directories, in recipe order.",
+                             required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "PNG to write.", required=True)
 
 
@@ -24,11 +27,17 @@ def main(argv):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  rows = [json.loads(l) for l in open(os.path.join(_WORKDIR.value, "metrics.jsonl"))]
-  # A resumed run re-logs the steps after its last checkpoint: keep the latest row of each step.
-  train = list({r["step"]: r for r in rows
-                if r["split"] == "train" and r.get("batch", "memory") == "memory"}.values())
-  test = list({r["step"]: r for r in rows if r["split"] == "test"}.values())
+  train, test, bounds, offset = [], [], [], 0
+  for workdir in _WORKDIR.value:
+    rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+    # A resumed run re-logs the steps after its last checkpoint: keep the latest row of each step.
+    last = {r["step"]: r for r in rows if r["split"] == "train"}
+    train += [{**r, "step": r["step"] + offset} for r in last.values()
+              if r.get("batch", "memory") == "memory"]
+    test += [{**r, "step": r["step"] + offset} for r in
+             {r["step"]: r for r in rows if r["split"] == "test"}.values()]
+    offset += max(last, default=0)
+    bounds.append(offset)
   copy = [r for r in test if "copy_span_accuracy" in r]
   fig, axes = plt.subplots(1, 4 if copy else 3, figsize=(17 if copy else 13, 3.6))
   for name in ("lm_loss", "aux_loss"):
@@ -44,12 +53,17 @@ def main(argv):
   axes[1].set_title("router recall@k (gold docs in top-k)")
   axes[2].set_title("rows with every target token right (teacher forced)")
   if copy:
-    for name in ("copy_span_accuracy", "copy_lookup_accuracy"):
-      axes[3].plot([r["step"] for r in copy], [r[name] for r in copy], "o-", ms=3,
-                   label=f"held-out {name.split('_')[1]}")
+    for name in ("copy_span_accuracy", "copy_lookup_accuracy", "copy_hop_accuracy",
+                 "copy_hop_exact"):
+      have = [r for r in copy if name in r]
+      if have:
+        axes[3].plot([r["step"] for r in have], [r[name] for r in have], "o-", ms=3,
+                     label=f"held-out {name.removeprefix('copy_').replace('_accuracy', '')}")
     axes[3].set_ylim(0, 1.02)
-    axes[3].set_title("copy batches: token accuracy")
+    axes[3].set_title("copy batches: token accuracy (exact: whole rows)")
   for ax in axes:
+    for b in bounds[:-1]:
+      ax.axvline(b, color="gray", ls="--", lw=0.8)
     ax.set_xlabel("step")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)

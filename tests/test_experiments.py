@@ -52,9 +52,9 @@ def test_train_binary_writes_metrics_events_checkpoints_and_model(tiny_run, tmp_
   assert _finished_steps(run)[-1] == 6
   cfg, params = hf.load_checkpoint(run / "model")
   assert cfg.msa.router_layers == (2, 3) and cfg.hidden_size == 32
-  png = tmp_path / "curves.png"
+  png = tmp_path / "curves.png"  # the run twice: a recipe of two runs on one step axis
   subprocess.run([sys.executable, str(ROOT / "experiments" / "plot_training.py"),
-                  f"--workdir={run}", f"--output={png}"], check=True, capture_output=True,
+                  f"--workdir={run},{run}", f"--output={png}"], check=True, capture_output=True,
                  timeout=300)
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   # The evaluation binary runs the exported model end to end through the engine.
