@@ -1,6 +1,6 @@
 """The shipped demo model: a 4-layer, d=128 MSA model trained from scratch on synthetic NIAH.
 
-Command (CPU, about 90 minutes on 2 cores; resumable — rerun the same command after a kill):
+Command (CPU: 51 minutes on 2 cores with nothing else running; resumable — rerun after a kill):
   python experiments/train.py --config=experiments/configs/demo.py --workdir=out/demo
 
 Expected (measured, BUILD_NOTES.md "Training"): at the training memory size (36 documents) the

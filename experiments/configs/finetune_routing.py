@@ -6,7 +6,7 @@ Commands (CPU, from the repository root; each resumable — rerun after a kill):
   python experiments/train.py --config=experiments/configs/finetune_routing.py --workdir=out/finetune_routing
 
 Expected (measured, BUILD_NOTES.md "a rerun of the recipe"; this 2-core CPU, nothing else
-running): 50 + 64 min, i.e. within the 2-hour budget, but the bar is not met: through the engine
+running): 51 + 66 min, i.e. within the 2-hour budget, but the bar is not met: through the engine
 at 36 documents recall@8 1.00 and single-needle accuracy 0.54 on the unit test's 72 questions (the
 router's best document is often not the gold one; 0.36 after phases 1-4, before this phase).
 """
