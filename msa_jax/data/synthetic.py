@@ -30,9 +30,9 @@ def example(name: str, *, seed: int, split: Split, index: int, num_docs: int,
 
 def hops_of(name: str) -> int:
   """Retrieval rounds a task needs (NIAH: 1)."""
+  generator(name)  # validates, so a malformed name gets the message above
   if name == "bridge":
     return 2
   if name.startswith("chain_"):
     return int(name.split("_")[1])
-  generator(name)  # validates
   return 1
