@@ -90,6 +90,29 @@ def test_block_forward_equals_the_packed_training_forward(case, decouple):
   del pmask
 
 
+def test_top1_is_the_share_of_rows_whose_best_scored_document_is_gold():
+  lengths, active = CASES["shared_memory"]
+  model = small_model(k=3)
+  batch = random_memory_batch(lengths, active, seed=5)
+  gd, st = nnx.split(model)
+  _, routed = memory_forward(gd, st, batch)
+  aux = np.asarray(batch.aux_labels)
+  def top1(aux):
+    # NumPy reference: per router layer, argmax of the document scores (slot 0 is no document).
+    return np.mean([np.mean(aux[np.arange(len(aux)), np.argmax(np.asarray(r.doc_scores)[:, 1:], axis=1)] > 0)
+                    for r in routed.values()])
+  _, metrics = loss_and_metrics(gd, st, batch, LossWeights.of(1.0, 1.0))
+  np.testing.assert_allclose(float(metrics.top1), top1(aux), atol=1e-6)
+  # Labelling each row's best document (by the first router layer) gold raises it.
+  best = np.argmax(np.asarray(next(iter(routed.values())).doc_scores)[:, 1:], axis=1)
+  relabelled = np.where(aux >= 0, 0, aux)
+  relabelled[np.arange(len(aux)), best] = 1
+  _, metrics = loss_and_metrics(gd, st, batch.replace(aux_labels=jnp.asarray(relabelled)),
+                                LossWeights.of(1.0, 1.0))
+  np.testing.assert_allclose(float(metrics.top1), top1(relabelled), atol=1e-6)
+  assert float(metrics.top1) >= 0.5 and top1(relabelled) > top1(aux) - 1e-9
+
+
 def test_block_loss_equals_the_packed_losses():
   lengths, active = CASES["awkward"]
   model = small_model()
@@ -226,6 +249,23 @@ def test_a_batch_row_is_one_retrieval_step_in_the_msa_format(step):
     pos = np.asarray(batch.positions)[r, :n]
     np.testing.assert_array_equal(pos, SPEC.top_k + np.arange(n))
     assert np.asarray(batch.roles)[r, 0] == roles.QUERY
+
+
+def test_same_task_batches_ask_one_task_in_every_row_and_leave_the_default_stream_alone():
+  spec = dataclasses.replace(SPEC, rows=6)
+  same = dataclasses.replace(spec, same_task=True)
+  seen = set()
+  for step in range(8):
+    _, info = batches.build(TOK, same, step)
+    assert len(set(info["tasks"])) == 1
+    seen |= set(info["tasks"])
+  assert len(seen) > 1  # the task is drawn per batch
+  mixed = [set(batches.build(TOK, spec, step)[1]["tasks"]) for step in range(8)]
+  assert max(len(t) for t in mixed) > 1
+  # A phase may switch it on without changing the run's batches elsewhere.
+  phase = loop.Phase(steps=1, lr=1e-3, lm_weight=1.0, aux_weight=1.0, docs_per_example=3,
+                     same_task=True)
+  assert phase.batch_spec(spec).same_task and not spec.same_task
 
 
 def test_train_and_test_batches_do_not_share_needles():

@@ -82,14 +82,19 @@ class BatchSpec:
   # that matches the question, as at inference where the named or routed documents include
   # non-gold ones, rather than from the only candidate in context.
   distractors: int = 0
+  # Every row of a batch asks the same task (drawn once per batch), so that the other rows'
+  # needles, the router's negatives, share the gold needle's format, as in a memory built from
+  # one task; rows of mixed tasks leave needles that differ in format and are easy to rank below.
+  same_task: bool = False
 
 
 def build(tok: Tokenizer, spec: BatchSpec, step: int) -> tuple[MemoryBatch, dict]:
   """Batch number `step` of the stream, and per-row info (task, kind)."""
   rng = np.random.default_rng([spec.seed, int(spec.split), 7, step])
   examples, names = [], []
+  shared = spec.tasks.pick(rng) if spec.same_task else None
   for r in range(spec.rows):
-    name = spec.tasks.pick(rng)
+    name = shared or spec.tasks.pick(rng)
     names.append(name)
     examples.append(synthetic.example(name, seed=spec.seed, split=spec.split,
                                       index=step * spec.rows + r, num_docs=spec.docs_per_example,

@@ -62,6 +62,7 @@ class Phase:
   distractors: int | None = None
   answer_fraction: float | None = None
   tasks: str | None = None
+  same_task: bool | None = None  # override of `BatchSpec.same_task`
 
   def is_copy_step(self, step: int) -> bool:
     return self.copy_every > 0 and step % self.copy_every == 0
@@ -74,7 +75,8 @@ class Phase:
   def batch_spec(self, base: batches.BatchSpec) -> batches.BatchSpec:
     """This phase's memory batches: `base` with its memory size, labels and overrides."""
     overrides = {k: v for k, v in (("distractors", self.distractors),
-                                   ("answer_fraction", self.answer_fraction)) if v is not None}
+                                   ("answer_fraction", self.answer_fraction),
+                                   ("same_task", self.same_task)) if v is not None}
     if self.tasks is not None:
       overrides["tasks"] = batches.TaskMix.parse(self.tasks)
     return dataclasses.replace(base, docs_per_example=self.docs_per_example,
@@ -271,7 +273,7 @@ def train(model: MSAForCausalLM, tok: Tokenizer, run: RunConfig, workdir: str, *
           if isinstance(v, float) and k != "time":
             writer.add_scalar(f"train/{k}", v, done)
         log(f"step {done}/{total} {row['batch']} loss {row['loss']:.4f} lm {row['lm_loss']:.4f} "
-            f"aux {row['aux_loss']:.4f} recall {row['recall']:.3f} exact {row['exact']:.3f} "
+            f"aux {row['aux_loss']:.4f} recall {row['recall']:.3f} top1 {row['top1']:.3f} exact {row['exact']:.3f} "
             f"lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s")
         t_last, tokens_since, rows_since = time.time(), 0.0, 0
       if eval_spec is not None and (done % run.eval_every == 0 or done == total):
@@ -299,7 +301,7 @@ def train(model: MSAForCausalLM, tok: Tokenizer, run: RunConfig, workdir: str, *
         for k, v in row.items():
           if isinstance(v, float):
             writer.add_scalar(f"test/{k}", v, done)
-        log(f"  eval step {done}: lm {row['lm_loss']:.4f} recall {row['recall']:.3f} "
+        log(f"  eval step {done}: lm {row['lm_loss']:.4f} recall {row['recall']:.3f} top1 {row['top1']:.3f} "
             f"token_acc {row['token_accuracy']:.3f} exact {row['exact']:.3f}"
             + "".join(f" {k} {row[k]:.3f}" for k in row if k.startswith("copy_")))
       if done % run.checkpoint_every == 0 or done == total:
