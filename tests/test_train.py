@@ -184,6 +184,31 @@ def test_a_few_adamw_steps_reduce_the_loss_on_a_fixed_batch():
   assert float(final.aux_loss) < float(loss_and_metrics(gd, nnx.split(model)[1], batch, w)[1].aux_loss)
 
 
+def test_a_router_only_step_moves_the_router_projections_and_nothing_else():
+  lengths, active = CASES["awkward"]
+  batch = random_memory_batch(lengths, active, seed=2)
+  model = small_model()
+  gd, params, rest = nnx.split(model, nnx.Param, ...)
+  phases = [loop.Phase(steps=4, lr=1e-2, lm_weight=1.0, aux_weight=1.0, docs_per_example=2)]
+  tx = loop.optimizer(phases)
+  step = loop.make_step(gd, rest, tx)
+  flat = lambda tree: {jax.tree_util.keystr(p): np.asarray(x)
+                       for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  router = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+            if loop.is_router_param(p)}
+  assert router and all("router_" in k for k in router)
+  before = flat(params)
+  for router_only in (True, False):
+    new, _, _ = step(params, tx.init(params), batch, LossWeights.of(1.0, 1.0),
+                     router_only=router_only)
+    after = flat(new)
+    moved = {k for k in before if not np.array_equal(before[k], after[k])}
+    if router_only:
+      assert moved == router
+    else:  # a full step moves the backbone too
+      assert router < moved
+
+
 def test_schedule_follows_the_phases():
   phases = [loop.Phase(steps=10, lr=1e-3, lm_weight=0.1, aux_weight=1.0, docs_per_example=2,
                        warmup=4),

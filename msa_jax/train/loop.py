@@ -9,6 +9,7 @@ continues from its last checkpoint and reproduces the uninterrupted run's parame
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -63,6 +64,9 @@ class Phase:
   answer_fraction: float | None = None
   tasks: str | None = None
   same_task: bool | None = None  # override of `BatchSpec.same_task`
+  # Update only the router (its query/key projections and the InfoNCE temperature): routing is
+  # trained while copying, which the backbone holds and full updates erode, stays as it is.
+  router_only: bool = False
 
   def is_copy_step(self, step: int) -> bool:
     return self.copy_every > 0 and step % self.copy_every == 0
@@ -123,6 +127,13 @@ def _cast(tree, dtype):
                       tree)
 
 
+def is_router_param(path) -> bool:
+  """The parameters that only routing uses: router_{q,k}_proj (decoupled) and the temperature."""
+  names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+  return any(n.startswith("router_") for n in names) or names[-1:] == ["temperature"] or \
+      names[-2:-1] == ["temperature"]
+
+
 def make_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation, *,
               compute_dtype=jnp.float32) -> Callable:
   """A jitted `(params, opt_state, batch, weights) -> (params, opt_state, metrics)`.
@@ -135,10 +146,13 @@ def make_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransfo
     p = _cast(params, compute_dtype) if compute_dtype != jnp.float32 else params
     return loss_and_metrics(graphdef, (p, rest), batch, weights)
 
-  @jax.jit
-  def step(params, opt_state, batch: MemoryBatch, weights: LossWeights):
+  @functools.partial(jax.jit, static_argnames="router_only")
+  def step(params, opt_state, batch: MemoryBatch, weights: LossWeights, router_only: bool = False):
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, weights)
     updates, opt_state = tx.update(grads, opt_state, params)
+    if router_only:
+      updates = jax.tree_util.tree_map_with_path(
+          lambda path, u: u if is_router_param(path) else jnp.zeros_like(u), updates)
     return optax.apply_updates(params, updates), opt_state, metrics
 
   return step
@@ -223,6 +237,10 @@ def train(model: MSAForCausalLM, tok: Tokenizer, run: RunConfig, workdir: str, *
 
   os.makedirs(workdir, exist_ok=True)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  if any(p.router_only for p in run.phases) and not any(
+      is_router_param(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]):
+    raise ValueError("a router_only phase needs router projections of their own "
+                     "(MSAConfig.decouple_router); this model routes with its attention's q/k")
   tx = optimizer(run.phases, clip_norm=run.clip_norm, weight_decay=run.weight_decay,
                  accumulate=run.accumulate)
   opt_state = tx.init(params)
@@ -254,7 +272,8 @@ def train(model: MSAForCausalLM, tok: Tokenizer, run: RunConfig, workdir: str, *
         batch, _ = batches.build(tok, spec, s)
         weights = phase.loss_weights()
         rows = spec.rows
-      params, opt_state, metrics = step_fn(params, opt_state, batch, weights)
+      params, opt_state, metrics = step_fn(params, opt_state, batch, weights,
+                                           router_only=phase.router_only)
       calls += 1
       tokens_since += float(batch.mask.sum()) + float(batch.doc_lengths.sum())
       rows_since += rows
