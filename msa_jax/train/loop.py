@@ -64,8 +64,8 @@ class Phase:
   answer_fraction: float | None = None
   tasks: str | None = None
   same_task: bool | None = None  # override of `BatchSpec.same_task`
-  # Update only the router (its query/key projections and the InfoNCE temperature): routing is
-  # trained while copying, which the backbone holds and full updates erode, stays as it is.
+  # Update only the router's own query/key projections: routing is trained while copying, which
+  # the backbone holds and full updates erode, stays as it is.
   router_only: bool = False
 
   def is_copy_step(self, step: int) -> bool:
@@ -128,10 +128,8 @@ def _cast(tree, dtype):
 
 
 def is_router_param(path) -> bool:
-  """The parameters that only routing uses: router_{q,k}_proj (decoupled) and the temperature."""
-  names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-  return any(n.startswith("router_") for n in names) or names[-1:] == ["temperature"] or \
-      names[-2:-1] == ["temperature"]
+  """The parameters that only routing uses: a decoupled router's router_{q,k}_proj."""
+  return any(str(getattr(k, "key", k)).startswith("router_") for k in path)
 
 
 def make_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation, *,
