@@ -37,7 +37,8 @@ class Batch:
 
   input_ids, doc_ids, attention_mask, position_ids: [B, T] int.
   labels: [B, T] next-token targets (-100 = ignore); optional.
-  aux_labels: [B, Mmax] multi-hot over each row's documents in ascending id, -1 padded; optional.
+  aux_labels: [B, Mmax] multi-hot over each row's documents in ascending id, -1 padded (a -1 on a
+  present document leaves it out of the contrast, `aux_loss`); optional.
   answer_labels: [B, T] and train_qa_samples [B]: the answer loss rows; optional.
   """
 
@@ -145,12 +146,17 @@ def aux_loss(cfg: ModelConfig, routed: Mapping[int, Routing], aux_labels: jax.Ar
              temperature: jax.Array) -> jax.Array:
   """InfoNCE averaged over (aux layer, sample with documents).
 
-  aux_labels [B, Mmax]: column j is document id j+1 (ids are 1..n per row, checked on the host).
+  aux_labels [B, Mmax]: column j is document id j+1 (ids are 1..n per row, checked on the host);
+  1 positive, 0 negative, -1 left out of the contrast (padding, or a document the context already
+  holds: at a second retrieval round the first round's document, pasted into the query, matches
+  itself best, and the engine does not name it again).
   """
   total, count = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
   for l in cfg.aux_loss_layers:
     scores = routed[l].doc_scores  # B M+1
     width = min(aux_labels.shape[1], scores.shape[1] - 1)
+    left_out = jnp.zeros(scores.shape, bool).at[:, 1:width + 1].set(aux_labels[:, :width] < 0)
+    scores = jnp.where(left_out, -jnp.inf, scores)
     y = jnp.zeros(scores.shape, bool).at[:, 1:width + 1].set(aux_labels[:, :width] > 0)
     per_sample, has_docs = losses.infonce_loss(scores, y, temperature)
     total += jnp.sum(jnp.where(has_docs, per_sample, 0.0))

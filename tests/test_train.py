@@ -166,6 +166,57 @@ def test_aux_loss_matches_float64_and_rises_when_the_positive_scores_lower():
   assert losses["worst"] > losses["best"]
 
 
+def test_a_document_labelled_minus_one_is_left_out_of_the_contrast():
+  # At a second retrieval round the first round's document is pasted in the query: it is
+  # neither a positive nor a negative of that row (float64 InfoNCE over the other documents).
+  lengths, active = [[4, 9, 7, 3, 5]], [[0, 0, 0, -1, -1]]
+  model = small_model()
+  batch = random_memory_batch(lengths, active, seed=6)
+  gd, st = nnx.split(model)
+  w = LossWeights.of(0.0, 1.0)
+  _, routed = memory_forward(gd, st, batch)
+  tau = float(model.temperature[...])
+  layers = model.cfg.aux_loss_layers
+  scores = {l: np.asarray(r.doc_scores)[0, 1:] for l, r in routed.items()}
+  order = np.argsort(-scores[min(scores)])  # by the first router layer
+  aux = np.zeros((1, 5), int)
+  aux[0, order[1]] = 1
+  aux[0, order[0]] = -1  # the best-scored document: the hardest negative if it were one
+  _, left_out = loss_and_metrics(gd, st, batch.replace(aux_labels=jnp.asarray(aux)), w)
+  keep = aux[0] >= 0
+  want = np.mean([_infonce64(np.where(keep, scores[l], -np.inf), aux[0] > 0, tau) for l in layers])
+  np.testing.assert_allclose(float(left_out.aux_loss), want, rtol=1e-5)
+  _, negative = loss_and_metrics(gd, st, batch.replace(aux_labels=jnp.asarray(np.maximum(aux, 0))), w)
+  assert float(negative.aux_loss) > float(left_out.aux_loss) + 1e-3
+  # top1 skips it too: per router layer, is the best-scored document not left out the gold one?
+  def top1(labels):
+    return np.mean([labels[np.argmax(np.where(labels >= 0, s, -np.inf))] > 0 for s in scores.values()])
+  np.testing.assert_allclose(float(left_out.top1), top1(aux[0]), atol=1e-6)
+  np.testing.assert_allclose(float(negative.top1), top1(np.maximum(aux[0], 0)), atol=1e-6)
+  assert top1(aux[0]) > top1(np.maximum(aux[0], 0))
+
+
+def test_a_second_round_route_row_leaves_the_first_rounds_documents_out():
+  spec = dataclasses.replace(SPEC, tasks=batches.TaskMix.parse("bridge,chain_2,chain_3"),
+                             answer_fraction=0.0, rows=6, doc_chars=160,
+                             doc_len=batches.doc_len_for(160, 8))
+  later_rounds = 0
+  for step in range(4):
+    batch, info = batches.build(TOK, spec, step)
+    docs = [TOK.decode(np.asarray(batch.doc_tokens)[0, j, :n])
+            for j, n in enumerate(np.asarray(batch.doc_lengths)[0])]
+    ids = [int(d[len("<|im_start|>["):d.index("]")]) for d in docs]
+    aux = np.asarray(batch.aux_labels)
+    for r in range(spec.rows):
+      n = int(np.asarray(batch.mask)[r].sum())
+      text = TOK.decode(np.asarray(batch.input_ids)[r, :n])
+      pasted = {i for i in ids if f"[{i}]. " in text}
+      assert {ids[j] for j in np.flatnonzero(aux[r] < 0)} == pasted
+      assert np.sum(aux[r] > 0) >= 1 and not pasted & {ids[j] for j in np.flatnonzero(aux[r] > 0)}
+      later_rounds += bool(pasted)
+  assert later_rounds > 0
+
+
 def test_a_few_adamw_steps_reduce_the_loss_on_a_fixed_batch():
   model = small_model()
   batch = random_memory_batch(*CASES["awkward"], seed=7)

@@ -130,6 +130,10 @@ def build(tok: Tokenizer, spec: BatchSpec, step: int) -> tuple[MemoryBatch, dict
     actives.append(render.training_active(tok, ex.question, ex.answer_text, rounds, done,
                                           label_restated=spec.label_restated))
     positive = rounds_of(ex)[done] if done < len(rounds) else ex.gold
+    # Earlier rounds' documents are pasted in this row's query and match themselves best; they
+    # are left out of its contrast (-1), as the engine does not name them again.
+    for earlier in rounds_of(ex)[:done] if done < len(rounds) else ():
+      aux[r, [offset + g for g in earlier]] = -1
     aux[r, [offset + g for g in positive]] = 1
     offset += len(ex.docs)
 

@@ -30,7 +30,8 @@ class MemoryBatch:
   input_ids, roles, positions, mask [B, A]: the active tokens (roles 0 / -1 / -2), which come
   after all documents; mask 0 = padding.
   labels [B, A]: HF-style targets (labels[t] is predicted at t-1; -100 = ignore).
-  aux_labels [B, M]: multi-hot positives per document slot (-1 or 0 elsewhere).
+  aux_labels [B, M]: 1 positive, 0 negative, -1 left out of the contrast (an empty slot, or a
+  document the row's context already holds; `forward.aux_loss`).
   answer_labels [B, A]: labels of the answer sentence only (SPEC §7's answer loss); optional.
   doc_labels [Bd, M, L]: HF-style labels of document tokens (a language-model loss on documents,
   e.g. on each document's closing `[id]`); optional.
@@ -217,8 +218,14 @@ def loss_and_metrics(graphdef: nnx.GraphDef, state, batch: MemoryBatch,
     hits.append(jnp.sum(chosen & positive) / jnp.maximum(jnp.sum(positive), 1))
     # Recall@8 can be 1.0 while the best document is often not the gold one, which is what
     # answering from the router's best document needs (BUILD_NOTES.md).
-    best = jnp.take_along_axis(positive, jnp.maximum(r.selected[:, :1] - 1, 0), axis=1)[:, 0]
-    firsts.append(jnp.sum(best & (r.selected[:, 0] > 0) & rows) / jnp.maximum(jnp.sum(rows), 1))
+    # The best document the row does not leave out (label -1: already in its context).
+    sel = r.selected  # B k, ids 1.. (<= 0: none)
+    slot = jnp.maximum(sel - 1, 0)
+    usable = (sel > 0) & ~jnp.take_along_axis(batch.aux_labels < 0, slot, axis=1)
+    first = jnp.argmax(usable, axis=1)[:, None]
+    best = jnp.take_along_axis(jnp.take_along_axis(positive, slot, axis=1), first, axis=1)[:, 0]
+    found = jnp.take_along_axis(usable, first, axis=1)[:, 0]
+    firsts.append(jnp.sum(best & found & rows) / jnp.maximum(jnp.sum(rows), 1))
   recall = jnp.mean(jnp.stack(hits)) if hits else jnp.zeros(())
   top1 = jnp.mean(jnp.stack(firsts)) if firsts else jnp.zeros(())
   target = batch.labels[:, 1:]
