@@ -104,6 +104,44 @@ def test_a_run_starts_from_an_exported_checkpoint_of_the_same_architecture(tiny_
     recipe.initial_model(c)
 
 
+def test_a_config_with_interpolate_exports_the_line_from_a_checkpoint_to_the_last_step(
+    tiny_run, tmp_path):
+  import shutil
+  import jax
+  import numpy as np
+  from flax import nnx
+  from ml_collections import ConfigDict
+  from msa_jax.interop import hf
+  from msa_jax.nn.model import from_params
+  from msa_jax.train import loop, recipe
+  sys.path.insert(0, str(ROOT))
+  from experiments.configs import tiny
+  workdir = tmp_path / "run"  # the finished run, re-exported: no step is trained again
+  shutil.copytree(tiny_run, workdir, ignore=shutil.ignore_patterns("model"))
+  c = tiny.get_config()
+  c.interpolate = ConfigDict(dict(from_step=4, keep=0.25))
+  recipe.run(c, str(workdir), log=lambda s: None)
+  def params_of(model_dir):  # the trained parameters (not the config's constants)
+    cfg, params = hf.load_checkpoint(model_dir)
+    return nnx.to_pure_dict(nnx.split(from_params(cfg, params), nnx.Param, ...)[1])
+  last = params_of(tiny_run / "model")
+  ckpts = loop.Checkpoints(str(workdir / "checkpoints"), 2)
+  template = nnx.split(recipe.initial_model(c), nnx.Param, ...)[1]
+  start = nnx.to_pure_dict(ckpts.restore_params(4, template))
+  ckpts.close()
+  got = params_of(workdir / "model")
+  assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, start, last)))
+  want = jax.tree.map(lambda a, b: np.float64(a) + 0.25 * (np.float64(b) - np.float64(a)),
+                      start, last)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.float64(g), w, rtol=0, atol=1e-6)
+  assert json.loads((workdir / "model" / "training.json").read_text())["interpolate"] == {
+      "from_step": 4, "keep": 0.25}
+  c.interpolate.from_step = 3  # not a kept checkpoint
+  with pytest.raises(ValueError, match="no checkpoint at step 3"):
+    recipe.run(c, str(workdir), log=lambda s: None)
+
+
 def test_a_run_killed_with_sigkill_resumes_to_the_same_parameters(tiny_run, tmp_path):
   import os
   import signal

@@ -17,7 +17,7 @@ from msa_jax.data.tokenizer import ByteTokenizer, Special
 from msa_jax.interop import hf
 from msa_jax.math import roles
 from msa_jax.nn.model import from_params
-from msa_jax.train import batches, loop
+from msa_jax.train import averaging, batches, loop
 from msa_jax.train.forward import LossWeights, MemoryBatch, loss_and_metrics, memory_forward
 
 TOK = ByteTokenizer()
@@ -258,6 +258,36 @@ def test_a_router_only_step_moves_the_router_projections_and_nothing_else():
       assert moved == router
     else:  # a full step moves the backbone too
       assert router < moved
+
+
+def test_interpolation_is_the_float64_line_between_two_weight_trees():
+  rng = np.random.default_rng(0)
+  start = {"a": rng.normal(size=(3, 5)).astype(np.float32), "b": {"c": rng.normal(size=(7,))
+                                                                  .astype(np.float32)}}
+  end = jax.tree.map(lambda x: x + rng.normal(size=x.shape).astype(np.float32), start)
+  for keep in (0.0, 0.3, 1.0):
+    got = averaging.interpolate(start, end, keep)
+    want = jax.tree.map(lambda a, b: a.astype(np.float64) + keep * (b.astype(np.float64) - a),
+                        start, end)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      assert g.dtype == np.float32
+      np.testing.assert_allclose(np.asarray(g, np.float64), w, rtol=0, atol=1e-6)
+  half = averaging.interpolate({"w": jnp.ones(4, jnp.bfloat16)}, {"w": jnp.full(4, 3, jnp.bfloat16)},
+                               0.5)
+  assert half["w"].dtype == jnp.bfloat16 and np.all(np.asarray(half["w"], np.float32) == 2)
+
+
+@pytest.mark.parametrize("start, end, keep, match", [
+    ({"a": np.zeros(2, np.float32)}, {"a": np.zeros(2, np.float32)}, 1.5, "keep must lie"),
+    ({"a": np.zeros(2, np.float32)}, {"a": np.zeros(2, np.float32)}, float("nan"), "keep must lie"),
+    ({"a": np.zeros(2, np.float32)}, {"b": np.zeros(2, np.float32)}, 0.5, "structure"),
+    ({"a": np.zeros(2, np.float32)}, {"a": np.zeros(3, np.float32)}, 0.5, r"\['a'\]"),
+    ({"a": np.zeros(2, np.float32)}, {"a": np.zeros(2, np.float16)}, 0.5, "float16"),
+    ({"a": np.zeros(2, np.int32)}, {"a": np.ones(2, np.int32)}, 0.5, "cannot interpolate"),
+])
+def test_interpolation_refuses_mismatched_trees_and_weights(start, end, keep, match):
+  with pytest.raises(ValueError, match=match):
+    averaging.interpolate(start, end, keep)
 
 
 def test_schedule_follows_the_phases():

@@ -213,6 +213,15 @@ class Checkpoints:
         opt_state=ocp.args.StandardRestore(abstract(opt_state))))
     return out["params"], out["opt_state"]
 
+  def restore_params(self, step: int, params):
+    """The parameters saved at `step` (shaped like `params`), without the optimizer state."""
+    if step not in self.manager.all_steps():
+      raise ValueError(f"no checkpoint at step {step} (have {sorted(self.manager.all_steps())})")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, params)
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract)))
+    return out["params"]
+
   def close(self):
     self.manager.close()
 

@@ -14,7 +14,7 @@ from msa_jax.data.text import Split
 from msa_jax.data.tokenizer import ByteTokenizer
 from msa_jax.interop import hf
 from msa_jax.nn.model import MSAForCausalLM, from_params
-from msa_jax.train import batches, loop
+from msa_jax.train import averaging, batches, loop
 
 
 def model_config(c) -> ModelConfig:
@@ -60,12 +60,29 @@ def run(c, workdir: str, *, stop_after: int | None = None,
   model = loop.train(model, ByteTokenizer(), run_cfg, workdir, eval_spec=eval_spec,
                      stop_after=stop_after, log=log)
   ckpts = loop.Checkpoints(os.path.join(workdir, "checkpoints"), run_cfg.keep_checkpoints)
-  finished = ckpts.latest() == run_cfg.total_steps
-  ckpts.close()
+  try:
+    finished = ckpts.latest() == run_cfg.total_steps
+    if finished and c.get("interpolate"):
+      interpolate(model, ckpts, c.interpolate.from_step, c.interpolate.keep)
+      log(f"interpolated: step {c.interpolate.from_step} + {c.interpolate.keep} x (last - it)")
+  finally:
+    ckpts.close()
   if finished:
     export(c, model, os.path.join(workdir, "model"))
     log(f"exported {os.path.join(workdir, 'model')}")
   return model
+
+
+def interpolate(model: MSAForCausalLM, ckpts: loop.Checkpoints, from_step: int,
+                keep: float) -> None:
+  """Sets `model`'s weights to `w(from_step) + keep·(w - w(from_step))` (`averaging.interpolate`).
+
+  A config's `interpolate = {from_step, keep}` applies this to the export: the last phases' gains
+  with part of the erosion they cause undone.
+  """
+  _, params, _ = nnx.split(model, nnx.Param, ...)
+  start = ckpts.restore_params(from_step, params)
+  nnx.update(model, averaging.interpolate(start, params, keep))
 
 
 def export(c, model: MSAForCausalLM, directory: str) -> None:
@@ -77,6 +94,7 @@ def export(c, model: MSAForCausalLM, directory: str) -> None:
                    "tasks": c.data.tasks},
           "phases": [dict(p) for p in c.phases], "init_seed": c.init_seed,
           "init_from": c.get("init_from"),
+          "interpolate": dict(c.interpolate) if c.get("interpolate") else None,
           "copy": dict(c.copy) if "copy" in c else None}
   tmp = os.path.join(directory, ".training.json.tmp")
   with open(tmp, "w") as f:
