@@ -1,8 +1,9 @@
 """Weight-space interpolation between two points of one fine-tuning run.
 
 A fine-tune that teaches one skill (here: top-1 routing among same-format needles) erodes another
-that the starting weights had (copying long values). Both points lie in one basin, so the straight
-line between them keeps much of each (WiSE-FT, Wortsman et al. 2022): `start + keep·(end - start)`.
+that the starting weights had (copying long values). When both points lie in one basin, the
+straight line between them often keeps much of each (WiSE-FT, Wortsman et al. 2022):
+`start + keep·(end - start)`. Not yet measured on this project's runs (BUILD_NOTES.md).
 """
 
 from __future__ import annotations
