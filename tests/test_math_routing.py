@@ -289,3 +289,107 @@ def test_route_breaks_exact_ties_toward_the_lower_document_id():
   ds = np.asarray(ds)
   assert ds[0, 2] == ds[0, 4] and ds[0, 2] == ds[0, 1:].max()
   np.testing.assert_array_equal(np.asarray(sel), [[2]])
+
+
+# --- the smooth max of training (`route_softness`) ---------------------------------------------
+
+def ref_log_mean_exp(x, tau):
+  x = np.asarray(x, np.float64)
+  return tau * np.log(np.mean(np.exp(x / tau)))
+
+
+@pytest.mark.parametrize("tau", [0.05, 0.3, 2.0])
+def test_smooth_max_over_routing_tokens_is_the_log_mean_exp(tau):
+  rng = np.random.default_rng(11)
+  s = rng.uniform(-1, 1, (4, 7, 5)).astype(np.float32)
+  s[~QUERY_MASK] = 50.0  # non-routing tokens must not count
+  got = np.asarray(reduce_queries(jnp.asarray(s), jnp.asarray(QUERY_MASK), how=QueryReduce.MAX,
+                                  softness=jnp.float32(tau)))
+  want = np.full((4, 5), -np.inf)
+  for i in range(4):
+    idx = np.flatnonzero(QUERY_MASK[i])
+    if idx.size:
+      want[i] = [ref_log_mean_exp(s[i, idx, c], tau) for c in range(5)]
+  assert_scores_equal(got, want, ATOL)
+  # A single routing token: the smooth max is that token's score.
+  np.testing.assert_allclose(got[1], s[1, 3], atol=ATOL)
+  # Between the mean and the max.
+  hard = ref_reduce_queries(s, QUERY_MASK, QueryReduce.MAX)
+  mean = ref_reduce_queries(s, QUERY_MASK, QueryReduce.MEAN)
+  fin = np.isfinite(hard)
+  assert np.all(got[fin] <= hard[fin] + 1e-6) and np.all(got[fin] >= mean[fin] - 1e-6)
+
+
+def test_smooth_max_with_softness_zero_is_the_exact_max_traced_or_not():
+  rng = np.random.default_rng(12)
+  s = jnp.asarray(rng.standard_normal((4, 7, 5)).astype(np.float32))
+  exact = np.asarray(reduce_queries(s, jnp.asarray(QUERY_MASK), how=QueryReduce.MAX))
+  traced = np.asarray(reduce_queries(s, jnp.asarray(QUERY_MASK), how=QueryReduce.MAX,
+                                     softness=jnp.float32(0.0)))
+  np.testing.assert_array_equal(traced, exact)
+  tiny = np.asarray(reduce_queries(s, jnp.asarray(QUERY_MASK), how=QueryReduce.MAX, softness=1e-4))
+  assert_scores_equal(tiny, exact, 1e-3)  # τ·log(count) at most 1e-4·log 3
+
+
+def test_smooth_max_sends_gradient_to_every_routing_token_and_none_elsewhere():
+  rng = np.random.default_rng(13)
+  s = jnp.asarray(rng.standard_normal((4, 7, 5)).astype(np.float32))
+  mask = jnp.asarray(QUERY_MASK)
+
+  def grad(softness):
+    f = lambda s: jnp.sum(jnp.where(jnp.isfinite(o := reduce_queries(s, mask, how=QueryReduce.MAX,
+                                                                      softness=softness)), o, 0.0))
+    return np.asarray(jax.grad(f)(s))
+
+  exact, smooth = grad(jnp.float32(0.0)), grad(jnp.float32(0.3))
+  assert np.all(np.isfinite(exact)) and np.all(np.isfinite(smooth))  # the row without tokens too
+  per_chunk = (exact != 0).sum(axis=1)  # B C: the max's gradient reaches one token
+  np.testing.assert_array_equal(per_chunk, np.broadcast_to(QUERY_MASK.any(1)[:, None], (4, 5)))
+  np.testing.assert_array_equal(smooth != 0, np.broadcast_to(QUERY_MASK[:, :, None], s.shape))
+  # The weights of a log-mean-exp sum to one per (row, chunk).
+  np.testing.assert_allclose(smooth.sum(axis=1), QUERY_MASK.any(1)[:, None] * np.ones((4, 5)),
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("tau", [0.05, 0.5])
+def test_smooth_max_over_chunks_counts_only_finite_chunks(tau):
+  cs = chunk_score_fixture()
+  cs[0, 2] = -np.inf  # a chunk past its document's end (chunk_valid false): doc 2 has none left
+  cs[1, 1] = -np.inf  # doc 2 of row 1 keeps one finite chunk
+  got = np.asarray(doc_scores(jnp.asarray(cs), jnp.asarray(CHUNK_DOC), num_docs=NUM_DOCS,
+                              how=ChunkReduce.MAX, softness=jnp.float32(tau)))
+  want = np.full((4, NUM_DOCS), -np.inf)
+  for i in range(4):
+    for d in range(1, NUM_DOCS):
+      mine = cs[i][(CHUNK_DOC[i] == d) & np.isfinite(cs[i])]
+      if mine.size:
+        want[i, d] = ref_log_mean_exp(mine, tau)
+  assert_scores_equal(got, want, ATOL)
+  assert np.isneginf(got[0, 2]) and got[1, 2] == pytest.approx(cs[1, 0], abs=ATOL)
+
+
+def test_smooth_max_over_chunks_has_no_length_bias():
+  """A document made of two copies of another's chunks scores the same (a log-*sum*-exp would not)."""
+  chunk_doc = np.array([[1, 1, 2, 2, 2, 2]])
+  cs = np.array([[0.3, -0.2, 0.3, -0.2, 0.3, -0.2]], np.float32)
+  got = np.asarray(doc_scores(jnp.asarray(cs), jnp.asarray(chunk_doc), num_docs=3,
+                              how=ChunkReduce.MAX, softness=jnp.float32(0.2)))
+  assert got[0, 1] == pytest.approx(got[0, 2], abs=1e-6)
+  assert got[0, 1] == pytest.approx(ref_log_mean_exp([0.3, -0.2], 0.2), abs=ATOL)
+
+
+def test_route_with_softness_zero_matches_the_exact_route():
+  rng = np.random.default_rng(14)
+  q = unit(rng.standard_normal((4, 7, 4, 8))).astype(np.float32)
+  keys = unit(rng.standard_normal((4, 8, 2, 8))).astype(np.float32)
+  args = (jnp.asarray(q), jnp.asarray(QUERY_MASK), jnp.asarray(keys), jnp.asarray(CHUNK_DOC > 0),
+          jnp.asarray(CHUNK_DOC))
+  kw = dict(num_docs=NUM_DOCS, k=3, scale=1.0, head_reduce=HeadReduce.MEAN,
+            query_reduce=QueryReduce.MAX, chunk_reduce=ChunkReduce.MAX)
+  exact = route(*args, **kw)
+  traced = route(*args, **kw, softness=jnp.float32(0.0))
+  for a, b in zip(exact, traced):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  soft_scores, _ = route(*args, **kw, softness=jnp.float32(0.2))
+  fin = np.isfinite(np.asarray(exact[0]))
+  assert np.all(np.asarray(soft_scores)[fin] < np.asarray(exact[0])[fin] + 1e-6)

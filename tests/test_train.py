@@ -415,3 +415,27 @@ def test_document_logits_equal_the_packed_forward_and_train_the_closing_id():
   # The restated question is labelled too.
   lab = np.asarray(b.labels)[0]
   assert "The user's question is: " in TOK.decode(lab[lab >= 0])
+
+
+def test_route_softness_scores_documents_by_the_smooth_max_and_zero_is_exact():
+  lengths, active = CASES["awkward"]
+  model = small_model()
+  batch = random_memory_batch(lengths, active, seed=6)
+  gd, st = nnx.split(model)
+  _, exact = memory_forward(gd, st, batch)
+  _, zero = memory_forward(gd, st, batch, route_softness=jnp.float32(0.0))
+  _, soft = memory_forward(gd, st, batch, route_softness=jnp.float32(0.2))
+  for layer in exact:
+    e, z, s = (np.asarray(r[layer].doc_scores) for r in (exact, zero, soft))
+    np.testing.assert_array_equal(z, e)
+    np.testing.assert_array_equal(np.isneginf(s), np.isneginf(e))
+    fin = np.isfinite(e)
+    assert np.all(s[fin] <= e[fin] + 1e-6) and np.any(s[fin] < e[fin] - 1e-3)
+  # The aux loss is the InfoNCE of the smooth scores (float64 reference), and it trains the router.
+  tau = float(model.temperature[...])
+  aux = np.asarray(batch.aux_labels)
+  w = LossWeights.of(0.0, 1.0, route_softness=0.2)
+  _, metrics = loss_and_metrics(gd, st, batch, w)
+  want = np.mean([np.mean([_infonce64(np.asarray(soft[l].doc_scores)[r, 1:], aux[r] > 0, tau)
+                           for r in range(len(aux))]) for l in model.cfg.aux_loss_layers])
+  np.testing.assert_allclose(float(metrics.aux_loss), want, rtol=1e-5)

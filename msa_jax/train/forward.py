@@ -113,10 +113,12 @@ def _merge(graphdef, state) -> MSAForCausalLM:
   return nnx.merge(graphdef, *(state if isinstance(state, tuple) else (state,)))
 
 
-def memory_forward(graphdef: nnx.GraphDef, state, batch: MemoryBatch, *, doc_logits: bool = False):
+def memory_forward(graphdef: nnx.GraphDef, state, batch: MemoryBatch, *, doc_logits: bool = False,
+                   route_softness=0.0):
   """Logits [B, A, V] of the active tokens and the routing (doc_scores [B, M+1]) of each router layer.
 
   doc_logits: also return the documents' logits [Bd, M, L, V] (all layers run on documents).
+  route_softness: > 0 smooths routing's max reductions (`routing.smooth_max`; training only).
   """
   model = _merge(graphdef, state)
   cfg = model.cfg
@@ -152,7 +154,7 @@ def memory_forward(graphdef: nnx.GraphDef, state, batch: MemoryBatch, *, doc_log
       scores, selected = routing.route(
           rq, query_mask, prk, chunk_valid, chunk_doc, num_docs=num_docs + 1, k=m.top_k_docs,
           scale=m.routing_score.scale(cfg.head_dim), head_reduce=m.head_reduce,
-          query_reduce=m.query_reduce, chunk_reduce=m.chunk_reduce)
+          query_reduce=m.query_reduce, chunk_reduce=m.chunk_reduce, softness=route_softness)
       routed[i] = Routing(scores, selected)
       chosen = routing.selected_chunk_mask(chunk_doc, selected) & chunk_valid  # B C
       keys = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
@@ -167,16 +169,22 @@ def memory_forward(graphdef: nnx.GraphDef, state, batch: MemoryBatch, *, doc_log
 
 @struct.dataclass
 class LossWeights:
-  """Weights of the training loss terms; arrays so that a schedule can change them without a recompile."""
+  """Weights of the training loss terms; arrays so that a schedule can change them without a recompile.
+
+  route_softness is the routing max reductions' smoothing τ (`routing.smooth_max`; 0 = exact, as
+  at inference): not a weight, but a per-phase scalar of the loss that the step takes the same way.
+  """
 
   lm: jax.Array
   aux: jax.Array
   answer: jax.Array
   doc: jax.Array
+  route_softness: jax.Array
 
   @classmethod
-  def of(cls, lm: float, aux: float, answer: float = 0.0, doc: float = 0.0) -> "LossWeights":
-    return cls(*(jnp.asarray(w, jnp.float32) for w in (lm, aux, answer, doc)))
+  def of(cls, lm: float, aux: float, answer: float = 0.0, doc: float = 0.0,
+         route_softness: float = 0.0) -> "LossWeights":
+    return cls(*(jnp.asarray(w, jnp.float32) for w in (lm, aux, answer, doc, route_softness)))
 
 
 @struct.dataclass
@@ -199,12 +207,13 @@ def loss_and_metrics(graphdef: nnx.GraphDef, state, batch: MemoryBatch,
   model = _merge(graphdef, state)
   zero = jnp.zeros((), jnp.float32)
   if batch.doc_labels is not None:
-    logits, routed, doc_logits = memory_forward(graphdef, state, batch, doc_logits=True)
+    logits, routed, doc_logits = memory_forward(graphdef, state, batch, doc_logits=True,
+                                                route_softness=weights.route_softness)
     length = batch.doc_tokens.shape[-1]
     doc = losses.lm_loss(doc_logits.reshape((-1, length) + doc_logits.shape[-1:]),
                          batch.doc_labels.reshape(-1, length))
   else:
-    logits, routed = memory_forward(graphdef, state, batch)
+    logits, routed = memory_forward(graphdef, state, batch, route_softness=weights.route_softness)
     doc = zero
   total_lm, count = losses.shifted_cross_entropy(logits, batch.labels)
   lm = total_lm / jnp.maximum(count, 1.0)

@@ -67,6 +67,12 @@ class Phase:
   # Update only the router's own query/key projections: routing is trained while copying, which
   # the backbone holds and full updates erode, stays as it is.
   router_only: bool = False
+  # Smooth routing's max reductions over routing tokens and chunks into log-mean-exps with this
+  # τ (cosine units; 0 = the exact max of inference). With the exact max, features that every
+  # needle shares (the question's template words, read before its key) win the max for every
+  # needle document and take all the gradient, so key matching may never form
+  # (BUILD_NOTES.md "routing's max reductions"). Held-out metrics always use the exact max.
+  route_softness: float = 0.0
 
   def is_copy_step(self, step: int) -> bool:
     return self.copy_every > 0 and step % self.copy_every == 0
@@ -89,7 +95,8 @@ class Phase:
 
   def loss_weights(self) -> LossWeights:
     """The weights of this phase's memory batches (copy batches use the LM loss alone)."""
-    return LossWeights.of(self.lm_weight, self.aux_weight, self.answer_weight, self.doc_weight)
+    return LossWeights.of(self.lm_weight, self.aux_weight, self.answer_weight, self.doc_weight,
+                          self.route_softness)
 
 
 def schedule(phases: Sequence[Phase]) -> optax.Schedule:
@@ -304,8 +311,10 @@ def train(model: MSAForCausalLM, tok: Tokenizer, run: RunConfig, workdir: str, *
         t_last, tokens_since, rows_since = time.time(), 0.0, 0
       if eval_spec is not None and (done % run.eval_every == 0 or done == total):
         es = phase.batch_spec(eval_spec)
-        # The phase's memory weights, not the last step's (which may have been a copy step).
-        ms = [_scalars(eval_fn(params, batches.build(tok, es, i)[0], phase.loss_weights()))
+        # The phase's memory weights, not the last step's (which may have been a copy step), with
+        # the exact routing of inference.
+        held_out = dataclasses.replace(phase, route_softness=0.0).loss_weights()
+        ms = [_scalars(eval_fn(params, batches.build(tok, es, i)[0], held_out))
               for i in range(run.eval_batches)]
         row = {"step": done, "split": "test",
                **{k: float(np.mean([m[k] for m in ms])) for k in ms[0]}}
