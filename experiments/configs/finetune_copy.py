@@ -1,14 +1,15 @@
-"""The shipped demo model: demo.py's routing model fine-tuned to copy answers from the documents
-its router names.
+"""demo.py's routing model fine-tuned to copy answers from the documents its router names: the
+previous shipped model's fine-tune (five phases; the demo recipe, finetune_demo.py, runs the first
+four).
 
 Commands (CPU, from the repository root; each resumable — rerun after a kill):
   python experiments/train.py --config=experiments/configs/demo.py --workdir=out/demo
   python experiments/train.py --config=experiments/configs/finetune_copy.py --workdir=out/finetune
 
-Expected (measured, BUILD_NOTES.md "Training"; ~95 min here after demo.py's 84): held-out copy
-accuracy 1.00 (SPAN) / 1.00 (LOOKUP); through the engine at 36 documents, router recall@8 1.00 and,
-with the router's best document appended, single-needle accuracy 0.90-1.00. out/finetune/model is
-what ships as msa_jax/assets/demo_model.
+Expected (measured, BUILD_NOTES.md "the copy fine-tune that ships"; ~95 min here after demo.py's
+84, with the exact-max routing stage of that time): held-out copy accuracy 1.00 (SPAN) / 1.00
+(LOOKUP); through the engine at 36 documents, router recall@8 1.00 and, with the router's best
+document appended, single-needle accuracy 0.90-1.00.
 """
 
 from ml_collections import ConfigDict
