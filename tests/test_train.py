@@ -217,6 +217,24 @@ def test_a_second_round_route_row_leaves_the_first_rounds_documents_out():
   assert later_rounds > 0
 
 
+def test_first_route_round_trains_later_rounds_only_where_an_example_has_them():
+  spec = dataclasses.replace(SPEC, tasks=batches.TaskMix.parse("chain_3,niah_single_1"),
+                             answer_fraction=0.0, rows=6, doc_chars=160,
+                             doc_len=batches.doc_len_for(160, 8), first_route_round=1)
+  rounds_seen = set()
+  for step in range(6):
+    batch, info = batches.build(TOK, spec, step)
+    aux = np.asarray(batch.aux_labels)
+    for r, task in enumerate(info["tasks"]):
+      done = int(np.sum(aux[r] < 0))  # chain docs pasted = rounds already retrieved
+      if task == "chain_3":
+        assert done in (1, 2)
+        rounds_seen.add(done)
+      else:  # NIAH has one round: its only route row, unchanged
+        assert done == 0 and np.sum(aux[r] > 0) >= 1
+  assert rounds_seen == {1, 2}
+
+
 def test_a_few_adamw_steps_reduce_the_loss_on_a_fixed_batch():
   model = small_model()
   batch = random_memory_batch(*CASES["awkward"], seed=7)

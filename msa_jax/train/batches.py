@@ -86,6 +86,9 @@ class BatchSpec:
   # needles, the router's negatives, share the gold needle's format, as in a memory built from
   # one task; rows of mixed tasks leave needles that differ in format and are easy to rank below.
   same_task: bool = False
+  # Route rows train round `first_route_round` (0-based) or a later one, drawn uniformly; an
+  # example with fewer rounds trains its last. 1 = second-hop rows only (NIAH rows unchanged).
+  first_route_round: int = 0
 
 
 def build(tok: Tokenizer, spec: BatchSpec, step: int) -> tuple[MemoryBatch, dict]:
@@ -123,7 +126,8 @@ def build(tok: Tokenizer, spec: BatchSpec, step: int) -> tuple[MemoryBatch, dict
   for r, ex in enumerate(examples):
     rounds = [([ids[offset + g] for g in gold], [all_texts[offset + g] for g in gold])
               for gold in rounds_of(ex)]
-    done = len(rounds) if answer else int(rng.integers(0, len(rounds)))
+    first = min(spec.first_route_round, len(rounds) - 1)
+    done = len(rounds) if answer else int(rng.integers(first, len(rounds)))
     if answer and spec.distractors:
       rounds[-1] = _with_distractors(rng, rounds[-1], ids, all_texts, spec.distractors)
     kinds.append(StepKind.ANSWER if answer else StepKind.ROUTE)

@@ -64,6 +64,7 @@ class Phase:
   answer_fraction: float | None = None
   tasks: str | None = None
   same_task: bool | None = None  # override of `BatchSpec.same_task`
+  first_route_round: int | None = None  # override of `BatchSpec.first_route_round`
   # Update only the router's own query/key projections: routing is trained while copying, which
   # the backbone holds and full updates erode, stays as it is.
   router_only: bool = False
@@ -86,7 +87,8 @@ class Phase:
     """This phase's memory batches: `base` with its memory size, labels and overrides."""
     overrides = {k: v for k, v in (("distractors", self.distractors),
                                    ("answer_fraction", self.answer_fraction),
-                                   ("same_task", self.same_task)) if v is not None}
+                                   ("same_task", self.same_task),
+                                   ("first_route_round", self.first_route_round)) if v is not None}
     if self.tasks is not None:
       overrides["tasks"] = batches.TaskMix.parse(self.tasks)
     return dataclasses.replace(base, docs_per_example=self.docs_per_example,
