@@ -124,3 +124,31 @@ def test_router_naming_takes_each_documents_best_score_over_layers():
   (trace,) = interleave.run(gen, TOK, ["q?"], TEXTS, start_position=0, max_rounds=1,
                             naming=interleave.Naming.ROUTER, router_docs=2)
   assert trace.rounds[0].doc_ids == (40, 5)
+
+
+def test_router_until_end_lets_the_model_end_retrieval_and_the_router_name_documents():
+  # Round 1: the model opens ids ("[7]..." would name 7; the router's 5 is appended instead).
+  # Round 2: the model's first token is the end marker: retrieval ends there, not forced.
+  gen = Scripted([["[7]<|object_ref_end|>"], ["<End-of-Retrieve>"],
+                  ["The answer to the question is: z<|im_end|>"]])
+  (trace,) = interleave.run(gen, TOK, ["q?"], TEXTS, start_position=0, max_rounds=3,
+                            naming=interleave.Naming.ROUTER_UNTIL_END, router_docs=1)
+  assert [r.doc_ids for r in trace.rounds] == [(5,), ()]
+  assert [r.generated for r in trace.rounds] == ["[5]<|object_ref_end|>", "<End-of-Retrieve>"]
+  assert len(gen.requests) == 3 and not trace.forced_end and trace.answer == "z"
+  # The end marker is in the answer request once (generated, not supplied again).
+  assert row(gen.requests[2], 0)[0].endswith(
+      "[5]. " + TEXTS[5] + "\n<|object_ref_end|><End-of-Retrieve>" + render.restate_text("q?"))
+
+
+def test_router_until_end_rows_stop_on_their_own_and_the_round_limit_forces_the_rest():
+  gen = Scripted([["[", "<End-of-Retrieve>"], ["["],
+                  ["The answer to the question is: a<|im_end|>",
+                   "The answer to the question is: b<|im_end|>"]])
+  first, second = interleave.run(gen, TOK, ["first?", "second?"], TEXTS, start_position=0,
+                                 max_rounds=2, naming=interleave.Naming.ROUTER_UNTIL_END,
+                                 router_docs=1)
+  assert int(gen.requests[1].input_ids.shape[0]) == 1  # only the first row retrieves again
+  assert first.retrieved == (5, 12) and first.forced_end  # the model never ended: the limit did
+  assert second.retrieved == () and not second.forced_end
+  assert [t.answer for t in (first, second)] == ["a", "b"]

@@ -38,10 +38,15 @@ class Naming(enum.Enum):
     their highest score over router layers), for exactly `max_rounds` rounds, then the model
     answers. This is the router used as a retriever, for models that have not learned to name
     documents; its traces record the ids as generated text all the same.
+  ROUTER_UNTIL_END: the model decides each round whether to retrieve: if the first token it
+    generates is `<End-of-Retrieve>` (or an end of text), retrieval ends; otherwise the router
+    names the documents as in ROUTER. The number of rounds is the model's, the ids the router's:
+    for models that learned when a question is answerable but not to write ids from memory.
   """
 
   MODEL = "model"
   ROUTER = "router"
+  ROUTER_UNTIL_END = "router_until_end"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,11 +159,17 @@ def run(generate: Generate, tok: Tokenizer, questions: Sequence[str], texts: Map
     if not retrieving:
       break
     request = _request([contexts[i] for i in retrieving], start_position, min_length, pad)
-    if naming is Naming.ROUTER:
-      _, routed = generate(request, 1, (ref_end, end_ret, im_end, eos))
-      tokens = _router_named(tok, routed, [rounds[i] for i in retrieving], router_docs)
+    stops = (ref_end, end_ret, im_end, eos)
+    if naming is Naming.MODEL:
+      tokens, routed = generate(request, max_id_tokens, stops)
     else:
-      tokens, routed = generate(request, max_id_tokens, (ref_end, end_ret, im_end, eos))
+      first, routed = generate(request, 1, stops)
+      tokens = _router_named(tok, routed, [rounds[i] for i in retrieving], router_docs)
+      if naming is Naming.ROUTER_UNTIL_END:
+        # A row whose model ends retrieval keeps that token alone (a stop, as if generated).
+        ended = np.isin(np.asarray(first)[:, 0], (end_ret, im_end, eos))
+        tokens[ended] = -1
+        tokens[ended, 0] = np.asarray(first)[ended, 0]
     still = []
     for j, i in enumerate(retrieving):
       out = _cut(tokens[j])
@@ -188,8 +199,8 @@ def run(generate: Generate, tok: Tokenizer, questions: Sequence[str], texts: Map
         contexts[i] = contexts[i] + _text(tok, out[:-1] if stopped_on in (ref_end, im_end, eos)
                                           else out, roles.ACTIVE)
     retrieving = still
-  for i in retrieving:  # round limit (the end of retrieval by design when the router names)
-    forced[i] = naming is Naming.MODEL
+  for i in retrieving:  # round limit (the end of retrieval by design under Naming.ROUTER)
+    forced[i] = naming is not Naming.ROUTER
   # Answer: the end marker (generated, or supplied when forced), the restated question, answer.
   finals = []
   for i, q in enumerate(questions):
