@@ -7,7 +7,9 @@ Tasks (msa_jax.data.multihop): `bridge` (the second hop's entity appears only in
 document, never in the question) and `chain_<k>` (k-hop variable chains). For each memory size,
 the same questions are asked of memories built as in experiments/niah.py, by every method:
 
-- msa_interleave: Memory Interleave, `--max_rounds` rounds (re-routing on question + new text);
+- msa_interleave: Memory Interleave, up to `--max_rounds` rounds (re-routing on question + new
+  text); with the default `--naming=router_until_end` the model decides when retrieval ends and
+  the router names one document (`--router_docs`) per round;
 - msa_single: one round only (the documents found from the question alone);
 - rag@k: BM25 (rank_bm25) top-k documents pasted into the prompt, for each k in --rag_k;
 - iterative_rag: BM25 top-`--iter_k`, then again with the question + those documents' text,
@@ -35,12 +37,14 @@ from msa_jax.studies import run  # noqa: E402
 from msa_jax.studies.retrieval import BM25  # noqa: E402
 from msa_jax.studies.sizes import format_size, parse_size  # noqa: E402
 
-_MODEL = flags.DEFINE_string("model", None, "Checkpoint directory (default: the shipped demo).")
+_MODEL = flags.DEFINE_string("model", None,
+                             "Checkpoint directory (default: the shipped multi-hop model).")
 _SIZES = flags.DEFINE_list("sizes", ["16K", "64K"], "Memory sizes in tokens.")
 _TASKS = flags.DEFINE_list("tasks", ["bridge", "chain_2", "chain_3"], "Multi-hop tasks.")
 _PER_TASK = flags.DEFINE_integer("per_task", 16, "Questions per task (the same at every size).")
-_NAMING = flags.DEFINE_enum_class("naming", Naming.ROUTER, Naming,
-                                  "Who names the documents to append: the router or the model.")
+_NAMING = flags.DEFINE_enum_class(
+    "naming", Naming.ROUTER_UNTIL_END, Naming,
+    "Who names the documents to append (the router or the model), and who ends retrieval.")
 _ROUTER_DOCS = flags.DEFINE_integer("router_docs", 1, "Documents the router names per round.")
 _MAX_ROUNDS = flags.DEFINE_integer("max_rounds", 3, "Interleave rounds.")
 _RAG_K = flags.DEFINE_list("rag_k", ["1", "5", "10"], "BM25 top-k values for rag@k.")
@@ -64,7 +68,7 @@ def methods(memory, bm25: BM25):
 
 def main(argv):
   del argv
-  model, tok, data = demo.load(_MODEL.value)
+  model, tok, data = demo.load(_MODEL.value or demo.Shipped.MULTIHOP)
   os.makedirs(_WORKDIR.value, exist_ok=True)
   results = []
   for label in _SIZES.value:
@@ -94,7 +98,7 @@ def main(argv):
       hr = " ".join(f"{r:.2f}" for r in a["hop_recall"])
       print(f"  {name:<15} {a['accuracy']:5.2f} [{lo:4.2f}, {hi:4.2f}] {hr:>17} {a['docs']:5.1f}",
             flush=True)
-  out = {"model": _MODEL.value or "shipped demo", "naming": _NAMING.value.value,
+  out = {"model": _MODEL.value or "shipped multi-hop model", "naming": _NAMING.value.value,
          "router_docs": _ROUTER_DOCS.value, "tasks": _TASKS.value, "per_task": _PER_TASK.value,
          "sizes": results}
   path = os.path.join(_WORKDIR.value, "multihop.json")

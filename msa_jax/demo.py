@@ -1,14 +1,19 @@
-"""The shipped demo model: a small MSA model trained from scratch on synthetic NIAH.
+"""The shipped models: small MSA models trained from scratch on synthetic tasks.
 
-Its recipe is two runs: `experiments/configs/demo.py` (routing), then
-`experiments/configs/finetune_copy.py` (copying answers from the documents the router names). `load()` returns the model, its tokenizer and the
-memory layout it was trained on (`DemoData`), so that evaluations can build memories of the same
-kind. The checkpoint is the HF layout of SPEC §11 under `msa_jax/assets/demo_model`.
+- `Shipped.NIAH` (the demo model): `experiments/configs/demo.py` (routing), then
+  `experiments/configs/finetune_demo.py` (copying answers from the documents the router names).
+- `Shipped.MULTIHOP`: the demo model fine-tuned for Memory Interleave on the multi-hop tasks
+  (`multihop_copy.py`, `multihop_router.py`, `multihop_route.py`, `multihop_answer.py`).
+
+`load()` returns a model, its tokenizer and the memory layout it was trained on (`DemoData`), so
+that evaluations can build memories of the same kind. Each checkpoint is the HF layout of SPEC §11
+under `msa_jax/assets/`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import importlib.resources
 import json
 import pathlib
@@ -18,8 +23,15 @@ from msa_jax.interop import hf
 from msa_jax.nn.model import MSAForCausalLM, from_params
 
 
-def path() -> pathlib.Path:
-  return pathlib.Path(str(importlib.resources.files("msa_jax") / "assets" / "demo_model"))
+class Shipped(enum.Enum):
+  """The checkpoints under `msa_jax/assets/`, by directory name."""
+
+  NIAH = "demo_model"
+  MULTIHOP = "multihop_model"
+
+
+def path(model: Shipped = Shipped.NIAH) -> pathlib.Path:
+  return pathlib.Path(str(importlib.resources.files("msa_jax") / "assets" / model.value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,9 +48,13 @@ class DemoData:
     return self.docs_per_example * self.examples_per_memory
 
 
-def load(directory: str | pathlib.Path | None = None
+def load(directory: str | pathlib.Path | Shipped | None = None
          ) -> tuple[MSAForCausalLM, ByteTokenizer, DemoData]:
-  d = pathlib.Path(directory) if directory is not None else path()
+  """A checkpoint directory, or a shipped model (default: the NIAH demo model)."""
+  if directory is None or isinstance(directory, Shipped):
+    d = path(directory or Shipped.NIAH)
+  else:
+    d = pathlib.Path(directory)
   cfg, params = hf.load_checkpoint(d)
   info = json.loads((d / "training.json").read_text())["data"]
   data = DemoData(doc_chars=info["doc_chars"], docs_per_example=info["docs_per_example"],

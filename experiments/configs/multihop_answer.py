@@ -1,0 +1,29 @@
+"""Memory Interleave's end of retrieval and answers: 600 steps from the second-hop routing stage
+(multihop_route.py) with 40 % of memory batches answer rows (`<End-of-Retrieve>`, the restated
+question and the answer after every round's documents), the rest route rows.
+
+Commands (CPU, from the repository root; each resumable — rerun after a kill): multihop_copy.py,
+multihop_router.py, multihop_route.py (see their docstrings), then
+  python experiments/train.py --config=experiments/configs/multihop_answer.py --workdir=out/multihop_answer
+  python experiments/train.py --config=experiments/configs/multihop_bridge.py --workdir=out/multihop_bridge
+
+Expected (measured, BUILD_NOTES.md "second-hop routing forms in 1,500 route steps"; 10 min here):
+at the training memory size (36 documents, router names one document a round, the model ends
+retrieval) bridge / chain-2 / chain-3 0.46 / 0.96 / 0.58, with 2.3 / 2.3 / 2.8 documents.
+"""
+
+from ml_collections import ConfigDict
+
+from experiments.configs import multihop_copy, multihop_route
+
+
+def get_config() -> ConfigDict:
+  c = multihop_copy.get_config()
+  c.init_from = "out/multihop_route/model"  # multihop_route.py's export
+  base = dict(lm_weight=1.0, aux_weight=1.0, docs_per_example=3, same_task=True,
+              tasks=multihop_route.HOP_ROUTE_MIX, copy_every=4, lookup_fraction=1.0,
+              hop_fraction=0.75, label_restated=True, answer_weight=1.0)
+  c.phases = [dict(base, steps=600, lr=3e-4, warmup=20, decay_to=0.1, answer_fraction=0.4)]
+  c.train.eval_every = 100
+  c.train.keep_checkpoints = 20
+  return c
