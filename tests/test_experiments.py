@@ -199,3 +199,13 @@ def test_multihop_binary_compares_every_method(tmp_path):
   assert methods["no_context"]["all"]["docs"] == 0
   assert methods["rag@1"]["all"]["docs"] == 1 and methods["iterative_rag"]["all"]["docs"] == 2
   assert methods["msa_single"]["all"]["docs"] <= 1  # the router names one document per round
+
+
+def test_route_ranks_binary_ranks_every_round_of_a_task(tmp_path):
+  out = tmp_path / "ranks.json"
+  subprocess.run([sys.executable, str(ROOT / "experiments" / "route_ranks.py"), "--tasks=chain_2",
+                  "--batches=1", f"--output={out}"], check=True, capture_output=True, timeout=600)
+  rows = json.loads(out.read_text())["rows"]
+  assert [(r["task"], r["round"], r["rows"]) for r in rows] == [("chain_2", 1, 12), ("chain_2", 2, 12)]
+  # The shipped multi-hop model ranks both hops' documents first (measured: 36 / 36 rows each).
+  assert all(r["top1"] >= 0.75 and r["top8"] == 1.0 for r in rows), rows

@@ -17,7 +17,7 @@ from msa_jax.data.tokenizer import ByteTokenizer, Special
 from msa_jax.interop import hf
 from msa_jax.math import roles
 from msa_jax.nn.model import from_params
-from msa_jax.train import averaging, batches, loop
+from msa_jax.train import averaging, batches, evaluate, loop
 from msa_jax.train.forward import LossWeights, MemoryBatch, loss_and_metrics, memory_forward
 
 TOK = ByteTokenizer()
@@ -233,6 +233,36 @@ def test_first_route_round_trains_later_rounds_only_where_an_example_has_them():
       else:  # NIAH has one round: its only route row, unchanged
         assert done == 0 and np.sum(aux[r] > 0) >= 1
   assert rounds_seen == {1, 2}
+
+
+def _gold_rank64(scores_by_layer, aux_row):
+  """Float64 reference: sort the non-left-out documents by score (gold first among equals) and
+  take the first gold position; the best layer's."""
+  best = None
+  for scores in scores_by_layer:
+    kept = [(-float(s), 0 if a > 0 else 1, a) for s, a in zip(scores, aux_row) if a >= 0]
+    kept.sort(key=lambda t: (t[0], t[1]))
+    pos = next(i for i, t in enumerate(kept) if t[2] > 0)
+    best = pos if best is None else min(best, pos)
+  return best
+
+
+def test_gold_ranks_count_the_documents_above_the_best_gold_skipping_left_out_ones():
+  rng = np.random.default_rng(0)
+  b, m = 7, 9
+  aux = np.zeros((b, m), np.int32)
+  for r in range(b):
+    aux[r, rng.choice(m, size=1 + r % 3, replace=False)] = 1
+    others = np.flatnonzero(aux[r] == 0)
+    aux[r, rng.choice(others, size=r % 2 + (r == 3) * 2, replace=False)] = -1
+  # Coarse scores make ties; the left-out documents score highest, as a pasted document does.
+  layers = {2: np.round(rng.random((b, m)), 1), 3: np.round(rng.random((b, m)), 1)}
+  for sc in layers.values():
+    sc[aux < 0] = 2.0
+  got = evaluate.gold_ranks(layers, aux)
+  want = [_gold_rank64([layers[2][r], layers[3][r]], aux[r]) for r in range(b)]
+  np.testing.assert_array_equal(got, want)
+  assert evaluate.gold_ranks({2: np.array([[0.9, 0.5, 0.1]])}, np.array([[0, 0, 1]])) == 2
 
 
 def test_a_few_adamw_steps_reduce_the_loss_on_a_fixed_batch():

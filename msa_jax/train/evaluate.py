@@ -20,8 +20,11 @@ Metrics per task:
 from __future__ import annotations
 
 import dataclasses
+from typing import Mapping
 
+import jax
 import numpy as np
+from flax import nnx
 
 from msa_jax.data import niah, render, synthetic
 from msa_jax.data.text import Split
@@ -33,6 +36,7 @@ from msa_jax.memory.bank import BankSpec, MemoryBank
 from msa_jax.nn.model import MSAForCausalLM
 from msa_jax.studies.stats import exact_match, string_match_all
 from msa_jax.train import batches
+from msa_jax.train.forward import memory_forward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,3 +109,39 @@ def evaluate_task(model: MSAForCausalLM, tok: Tokenizer, task: str, *, num_examp
                     exact=float(np.mean(exact)), recall=float(np.mean(rec)),
                     retrieved_recall=float(np.mean(ret)), docs=float(np.mean(ndocs)),
                     memory_docs=group * docs_per_example, memory_tokens=float(np.mean(toks)))
+
+
+def gold_ranks(doc_scores: Mapping[int, np.ndarray], aux_labels: np.ndarray) -> np.ndarray:
+  """[B] rank (0 = first) of each row's best-placed gold document under its best router layer.
+
+  doc_scores: router layer -> [B, M] document scores; aux_labels [B, M]: 1 gold, -1 left out (an
+  earlier round's document, which the engine never names again), 0 other. A rank counts the
+  other documents that score strictly higher, so ties favour gold.
+  """
+  aux = np.asarray(aux_labels)
+  best = None
+  for scores in doc_scores.values():
+    s = np.where(aux < 0, -np.inf, np.asarray(scores, np.float64))
+    gold = np.where(aux > 0, s, -np.inf).max(axis=1)
+    rank = (s > gold[:, None]).sum(axis=1)
+    best = rank if best is None else np.minimum(best, rank)
+  return best
+
+
+def route_ranks(model: MSAForCausalLM, tok: Tokenizer, spec: batches.BatchSpec,
+                num_batches: int) -> np.ndarray:
+  """Gold ranks of every route row of batches 0..num_batches-1 of `spec` (exact routing).
+
+  With `spec.first_route_round` and `answer_fraction=0` this measures one retrieval round of the
+  multi-hop tasks: the router's ranking of the next hop's document given the earlier ones pasted.
+  """
+  graphdef, state = nnx.split(model)
+  routing_of = jax.jit(lambda st, b: memory_forward(graphdef, st, b)[1])
+  out = []
+  for i in range(num_batches):
+    batch, _ = batches.build(tok, spec, i)
+    routed = routing_of(state, batch)
+    # Column 0 of doc_scores is the "no document" slot; memory documents are 1..M.
+    out.append(gold_ranks({l: np.asarray(r.doc_scores)[:, 1:] for l, r in routed.items()},
+                          batch.aux_labels))
+  return np.concatenate(out)
