@@ -233,6 +233,11 @@ def test_first_route_round_trains_later_rounds_only_where_an_example_has_them():
       else:  # NIAH has one round: its only route row, unchanged
         assert done == 0 and np.sum(aux[r] > 0) >= 1
   assert rounds_seen == {1, 2}
+  # A phase may set it for its own batches only.
+  phase = loop.Phase(steps=1, lr=1e-3, lm_weight=1.0, aux_weight=1.0, docs_per_example=3,
+                     first_route_round=2)
+  assert phase.batch_spec(SPEC).first_route_round == 2
+  assert dataclasses.replace(phase, first_route_round=None).batch_spec(SPEC).first_route_round == 0
 
 
 def _gold_rank64(scores_by_layer, aux_row):
