@@ -3,7 +3,8 @@
 - `Shipped.NIAH` (the demo model): `experiments/configs/demo.py` (routing), then
   `experiments/configs/finetune_demo.py` (copying answers from the documents the router names).
 - `Shipped.MULTIHOP`: the demo model fine-tuned for Memory Interleave on the multi-hop tasks
-  (`multihop_copy.py`, `multihop_router.py`, `multihop_route.py`, `multihop_answer.py`).
+  (`multihop_copy.py`, `multihop_router.py`, `multihop_route.py`, `multihop_answer.py`,
+  `multihop_bridge.py`, `multihop_final.py`).
 
 `load()` returns a model, its tokenizer and the memory layout it was trained on (`DemoData`), so
 that evaluations can build memories of the same kind. Each checkpoint is the HF layout of SPEC §11

@@ -6,6 +6,7 @@ Commands (CPU, from the repository root; each resumable — rerun after a kill):
 multihop_router.py, multihop_route.py (see their docstrings), then
   python experiments/train.py --config=experiments/configs/multihop_answer.py --workdir=out/multihop_answer
   python experiments/train.py --config=experiments/configs/multihop_bridge.py --workdir=out/multihop_bridge
+  python experiments/train.py --config=experiments/configs/multihop_final.py --workdir=out/multihop_final
 
 Expected (measured, BUILD_NOTES.md "second-hop routing forms in 1,500 route steps"; 10 min here):
 at the training memory size (36 documents, router names one document a round, the model ends

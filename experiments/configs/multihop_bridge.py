@@ -1,14 +1,11 @@
-"""The shipped multi-hop model's last stage: 1,300 steps from multihop_answer.py's export with
-bridge questions the most frequent task (their second hop is the one still missed), smoothed
-routing, then answer rows as the learning rate decays. Exported as msa_jax/assets/multihop_model.
+"""Bridge-heavy multi-hop stage: 1,300 steps from multihop_answer.py's export with bridge questions
+the most frequent task (their second hop is the one still missed most), smoothed routing, then
+answer rows as the learning rate decays. multihop_final.py continues from its export.
 
-Commands (CPU, from the repository root; each resumable — rerun after a kill; ~80 min in all):
-  python experiments/train.py --config=experiments/configs/multihop_copy.py --workdir=out/multihop_ft
-  python experiments/train.py --config=experiments/configs/multihop_router.py --workdir=out/multihop_router
-  python experiments/train.py --config=experiments/configs/multihop_route.py --workdir=out/multihop_route
-  python experiments/train.py --config=experiments/configs/multihop_answer.py --workdir=out/multihop_answer
+Commands (CPU, from the repository root; each resumable — rerun after a kill): multihop_copy.py,
+multihop_router.py, multihop_route.py, multihop_answer.py (see their docstrings), then
   python experiments/train.py --config=experiments/configs/multihop_bridge.py --workdir=out/multihop_bridge
-Then `python experiments/multihop.py --model=out/multihop_bridge/model --sizes=16K,64K --per_task=16`.
+  python experiments/train.py --config=experiments/configs/multihop_final.py --workdir=out/multihop_final
 
 Expected (measured, BUILD_NOTES.md "second-hop routing forms in 1,500 route steps"; 17 min here):
 at the training memory size bridge / chain-2 / chain-3 0.75 / 1.00 / 1.00 with 2.0 / 2.0 / 3.0
