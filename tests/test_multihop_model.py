@@ -8,6 +8,10 @@ document a round and the model decides when retrieval ends (`Naming.ROUTER_UNTIL
 model has not learned to write document ids from memory itself (BUILD_NOTES.md).
 """
 
+import json
+import pathlib
+import sys
+
 import numpy as np
 import pytest
 
@@ -38,6 +42,15 @@ def test_the_multihop_checkpoint_loads_with_its_training_layout(shipped):
   assert model.cfg == demo.load()[0].cfg and model.cfg.vocab_size == tok.vocab_size
   assert data.memory_docs == 36
   assert sum(p.stat().st_size for p in demo.path(demo.Shipped.MULTIHOP).iterdir()) <= 20 * 2**20
+
+
+def test_the_shipped_weights_are_the_last_committed_stages_export():
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  from experiments.configs import multihop_final
+  c = multihop_final.get_config()
+  info = json.loads((demo.path(demo.Shipped.MULTIHOP) / "training.json").read_text())
+  assert info["phases"] == [dict(p) for p in c.phases] and info["init_from"] == c.init_from
+  assert info["copy"] == dict(c.copy) and info["data"]["tasks"] == c.data.tasks
 
 
 # Measured on these 72 questions: 0.96 (bridge / chain-2 / chain-3 0.88 / 1.00 / 1.00), every

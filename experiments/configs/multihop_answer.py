@@ -15,16 +15,11 @@ retrieval) bridge / chain-2 / chain-3 0.46 / 0.96 / 0.58, with 2.3 / 2.3 / 2.8 d
 
 from ml_collections import ConfigDict
 
-from experiments.configs import multihop_copy, multihop_route
+from experiments.configs import multihop_route
 
 
 def get_config() -> ConfigDict:
-  c = multihop_copy.get_config()
-  c.init_from = "out/multihop_route/model"  # multihop_route.py's export
-  base = dict(lm_weight=1.0, aux_weight=1.0, docs_per_example=3, same_task=True,
-              tasks=multihop_route.HOP_ROUTE_MIX, copy_every=4, lookup_fraction=1.0,
-              hop_fraction=0.75, label_restated=True, answer_weight=1.0)
-  c.phases = [dict(base, steps=600, lr=3e-4, warmup=20, decay_to=0.1, answer_fraction=0.4)]
-  c.train.eval_every = 100
-  c.train.keep_checkpoints = 20
+  c = multihop_route.stage_config("out/multihop_route/model")  # the previous stage's export
+  c.phases = [multihop_route.route_phase(multihop_route.HOP_ROUTE_MIX, steps=600, lr=3e-4, warmup=20,
+                                         decay_to=0.1, answer_fraction=0.4)]
   return c

@@ -14,20 +14,15 @@ documents; MSA interleave 0.73 [0.60, 0.85] at 16K tokens and 0.62 [0.48, 0.75] 
 
 from ml_collections import ConfigDict
 
-from experiments.configs import multihop_copy
+from experiments.configs import multihop_route
 
 BRIDGE_MIX = "bridge:4,chain_2:1,chain_3:2,niah_single_1:1,niah_single_2:1,niah_single_3:1"
 
 
 def get_config() -> ConfigDict:
-  c = multihop_copy.get_config()
-  c.init_from = "out/multihop_answer/model"  # multihop_answer.py's export
-  base = dict(lm_weight=1.0, aux_weight=1.0, docs_per_example=3, same_task=True, tasks=BRIDGE_MIX,
-              copy_every=4, lookup_fraction=1.0, hop_fraction=0.75, label_restated=True,
-              answer_weight=1.0)
-  c.phases = [dict(base, steps=1000, lr=5e-4, warmup=20, decay_to=1.0, answer_fraction=0.2,
-                   route_softness=0.1),
-              dict(base, steps=300, lr=3e-4, decay_to=0.1, answer_fraction=0.4)]
-  c.train.eval_every = 100
-  c.train.keep_checkpoints = 20
+  c = multihop_route.stage_config("out/multihop_answer/model")  # the previous stage's export
+  c.phases = [multihop_route.route_phase(BRIDGE_MIX, steps=1000, lr=5e-4, warmup=20, decay_to=1.0,
+                                         answer_fraction=0.2, route_softness=0.1),
+              multihop_route.route_phase(BRIDGE_MIX, steps=300, lr=3e-4, decay_to=0.1,
+                                         answer_fraction=0.4)]
   return c

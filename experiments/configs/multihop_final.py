@@ -18,20 +18,15 @@ documents; MSA interleave 0.81 [0.69, 0.92] at 16K tokens and 0.69 [0.54, 0.81] 
 
 from ml_collections import ConfigDict
 
-from experiments.configs import multihop_copy
+from experiments.configs import multihop_route
 
 FINAL_MIX = "bridge:6,chain_2:1,chain_3:1,niah_single_1:1,niah_single_2:1,niah_single_3:1"
 
 
 def get_config() -> ConfigDict:
-  c = multihop_copy.get_config()
-  c.init_from = "out/multihop_bridge/model"  # multihop_bridge.py's export
-  base = dict(lm_weight=1.0, aux_weight=1.0, docs_per_example=3, same_task=True, tasks=FINAL_MIX,
-              copy_every=4, lookup_fraction=1.0, hop_fraction=0.75, label_restated=True,
-              answer_weight=1.0)
-  c.phases = [dict(base, steps=800, lr=3e-4, warmup=20, decay_to=1.0, answer_fraction=0.2,
-                   route_softness=0.1),
-              dict(base, steps=200, lr=2e-4, decay_to=0.1, answer_fraction=0.4)]
-  c.train.eval_every = 100
-  c.train.keep_checkpoints = 20
+  c = multihop_route.stage_config("out/multihop_bridge/model")  # the previous stage's export
+  c.phases = [multihop_route.route_phase(FINAL_MIX, steps=800, lr=3e-4, warmup=20, decay_to=1.0,
+                                         answer_fraction=0.2, route_softness=0.1),
+              multihop_route.route_phase(FINAL_MIX, steps=200, lr=2e-4, decay_to=0.1,
+                                         answer_fraction=0.4)]
   return c

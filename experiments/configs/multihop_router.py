@@ -13,16 +13,13 @@ on held-out same-task route batches (36 documents) the gold document's median ra
 
 from ml_collections import ConfigDict
 
-from experiments.configs import multihop_copy, multihop_route
+from experiments.configs import multihop_route
 
 
 def get_config() -> ConfigDict:
-  c = multihop_copy.get_config()
-  c.init_from = "out/multihop_ft/model"  # multihop_copy.py's export
+  c = multihop_route.stage_config("out/multihop_ft/model")  # multihop_copy.py's export
   c.phases = [dict(steps=600, lr=2e-3, lm_weight=1.0, aux_weight=1.0, docs_per_example=3,
                    warmup=20, decay_to=0.1, same_task=True, answer_fraction=0.0,
                    tasks=multihop_route.ROUTER_MIX, router_only=True, route_softness=0.2,
                    label_restated=True)]
-  c.train.eval_every = 100
-  c.train.keep_checkpoints = 20
   return c
