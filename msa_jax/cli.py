@@ -162,12 +162,20 @@ def _cmd_encode(args) -> int:
     tokens, lengths, template = _read_documents(args.documents, args.tokenizer,
                                                 model.cfg.vocab_size)
     total = encode.Progress(len(lengths), int(np.sum(lengths)))
-    n = encode.encode_to_bank(model, tokens, lengths, args.bank, template=template,
-                              dtype=args.dtype, shard_docs=args.shard_docs, progress=total)
+    done = encode.encode_to_bank(model, tokens, lengths, args.bank, template=template,
+                                 dtype=args.dtype, shard_docs=args.shard_docs,
+                                 append=args.append, progress=total)
   except (ValueError, BankError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"bank {args.bank}: {n} documents")
+  ids = f"ids {done.first_id}..{done.first_id + done.num_docs - 1}"
+  if done.resumed_from == done.num_docs:
+    print(f"bank {args.bank}: already holds all {done.num_docs} documents of this input ({ids}); "
+          f"nothing to do ({done.bank_docs} live documents)")
+  else:
+    resumed = f", resumed after {done.resumed_from}" if done.resumed_from else ""
+    print(f"bank {args.bank}: encoded {done.num_docs - done.resumed_from} documents{resumed} "
+          f"({ids}); {done.bank_docs} live documents")
   return 0
 
 
@@ -219,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
                    help=".npz (tokens [M, Lmax] -1 padded, lengths [M], optional template [t]) "
                         "or .jsonl ({\"text\": ...} per line, needs --tokenizer)")
   enc.add_argument("--tokenizer", help="tokenizer.json for JSONL documents")
-  enc.add_argument("--bank", required=True, help="bank directory (resumed if it exists)")
+  enc.add_argument("--bank", required=True,
+                   help="bank directory; re-running the same encode resumes it, other documents "
+                        "are refused unless --append")
+  enc.add_argument("--append", action="store_true",
+                   help="add these documents to an existing bank under new ids (resumable too)")
   enc.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   enc.add_argument("--shard-docs", type=int, default=1024, help="documents per committed shard")
   enc.set_defaults(run=_cmd_encode)

@@ -111,6 +111,61 @@ def test_an_encode_killed_midway_resumes_to_the_same_bank(tmp_path):
     assert (killed / rel).read_bytes() == f.read_bytes(), rel
 
 
+def random_docs(path, seed: int, m: int) -> None:
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(1, 12, m)
+  tokens = np.full((m, 12), -1)
+  for i, n in enumerate(lengths):
+    tokens[i, :n] = rng.integers(0, 320, n)
+  np.savez(path, tokens=tokens, lengths=lengths)
+
+
+def test_a_bank_remembers_its_input_and_refuses_other_documents(tmp_path, capsys):
+  from msa_jax.memory import store
+  for name, seed, m in (("a", 1, 6), ("b", 2, 6)):
+    random_docs(tmp_path / f"{name}.npz", seed, m)
+  with np.load(tmp_path / "a.npz") as f:  # a8: a's 6 documents, then 2 more
+    a = dict(f)
+  with np.load(tmp_path / "b.npz") as f:
+    b = dict(f)
+  np.savez(tmp_path / "a8.npz", tokens=np.concatenate([a["tokens"], b["tokens"][:2]]),
+           lengths=np.concatenate([a["lengths"], b["lengths"][:2]]))
+  bank = tmp_path / "bank"
+  encode = lambda docs, *extra: cli.main(["encode", "--checkpoint", CKPT, "--documents",
+                                          str(tmp_path / docs), "--bank", str(bank),
+                                          "--shard-docs", "4", *extra])
+  assert encode("a.npz") == 0
+  manifest = (bank / "manifest.json").read_bytes()
+  for other in ("b.npz", "a8.npz"):  # other documents, and the same ones plus two
+    capsys.readouterr()
+    assert encode(other) == 2
+    assert "encoded from another input" in capsys.readouterr().err
+    assert (bank / "manifest.json").read_bytes() == manifest
+  assert encode("a.npz") == 0  # the same input again: nothing to do
+  assert "already holds all 6 documents" in capsys.readouterr().out
+  assert (bank / "manifest.json").read_bytes() == manifest
+
+  store.delete_documents(bank, [1, 4])
+  store.compact(bank)
+  assert encode("a.npz") == 0  # deleted documents stay deleted
+  assert store.open_bank(bank).doc_ids.tolist() == [0, 2, 3, 5]
+
+  assert encode("b.npz", "--append") == 0  # new documents under new ids
+  assert encode("b.npz", "--append") == 0  # and an append is not repeated
+  got = store.open_bank(bank)
+  assert got.doc_ids.tolist() == [0, 2, 3, 5, 6, 7, 8, 9, 10, 11]
+  assert got.lengths[4:].tolist() == b["lengths"].tolist()
+
+
+def test_encode_refuses_an_empty_input_and_creates_no_bank(tmp_path, capsys):
+  np.savez(tmp_path / "none.npz", tokens=np.zeros((0, 4), np.int64),
+           lengths=np.zeros(0, np.int64))
+  assert cli.main(["encode", "--checkpoint", CKPT, "--documents", str(tmp_path / "none.npz"),
+                   "--bank", str(tmp_path / "bank")]) == 2
+  assert "no documents to encode" in capsys.readouterr().err
+  assert not (tmp_path / "bank").exists()
+
+
 def test_encode_reads_jsonl_text_with_a_tokenizer(tmp_path):
   from tokenizers import Tokenizer, models, pre_tokenizers
   words = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran"]

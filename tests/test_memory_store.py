@@ -316,6 +316,11 @@ def test_wrong_spec_names_the_field(f32_bank, field, value):
   open_bank(f32_bank, spec=SPEC)
 
 
+def sealed(manifest: dict) -> str:
+  """The manifest as a (buggy) writer would commit it: wrong values, valid own checksum."""
+  return json.dumps(dict(manifest, checksum=store._manifest_digest(manifest)))
+
+
 def test_bad_manifests(f32_bank):
   mpath = f32_bank / "manifest.json"
   good = json.loads(mpath.read_text())
@@ -328,7 +333,7 @@ def test_bad_manifests(f32_bank):
       (dict(good, tombstones=[999]), r"malformed manifest \(tombstones name ids"),
   ]
   for manifest, pattern in cases:
-    mpath.write_text(json.dumps(manifest))
+    mpath.write_text(sealed(manifest))
     with pytest.raises(BankError, match=pattern):
       open_bank(f32_bank)
   mpath.write_text(json.dumps(good)[:-20])
@@ -336,6 +341,74 @@ def test_bad_manifests(f32_bank):
     open_bank(f32_bank)
   mpath.write_text(json.dumps(good))
   open_bank(f32_bank)
+
+
+def test_a_damaged_manifest_is_reported_as_the_manifest_not_as_a_shard_file(f32_bank):
+  mpath = f32_bank / "manifest.json"
+  text = mpath.read_text()
+  digest = json.loads(text)["shards"][1]["files"]["values_L3.npy"]["sha256"]
+  flipped = digest[:10] + ("0" if digest[10] != "0" else "1") + digest[11:]
+  mpath.write_text(text.replace(digest, flipped))
+  for attempt in (lambda: open_bank(f32_bank), lambda: BankWriter(f32_bank)):
+    with pytest.raises(BankError, match=r"manifest\.json: the manifest's checksum does not "
+                                        r"match its contents") as e:
+      attempt()
+    assert "values_L3" not in str(e.value) and "corrupt" not in str(e.value)
+
+
+def test_a_lowered_next_doc_id_is_named_as_a_manifest_fault(f32_bank):
+  mpath = f32_bank / "manifest.json"
+  m = json.loads(mpath.read_text())
+  mpath.write_text(sealed(dict(m, next_doc_id=3)))  # ids 0..3 are stored
+  pattern = r"malformed manifest \(next_doc_id=3 but id 3 is stored"
+  with pytest.raises(BankError, match=pattern):
+    open_bank(f32_bank)
+  with pytest.raises(BankError, match=pattern):  # not "ids [3] are already live"
+    store.add_documents(f32_bank, make_docs(5, [2], SPEC))
+
+
+def test_a_lowered_next_shard_is_refused_and_no_committed_shard_is_touched(f32_bank):
+  mpath = f32_bank / "manifest.json"
+  m = json.loads(mpath.read_text())
+  mpath.write_text(sealed(dict(m, next_shard=1)))  # s000000 and s000001 are committed
+  before = {f: f.read_bytes() for f in (f32_bank / "shards").rglob("*.npy")}
+  with pytest.raises(BankError, match=r"next_shard=1 but shard 's000001' is listed"):
+    open_bank(f32_bank)
+  with pytest.raises(BankError, match=r"next_shard=1 but shard 's000001' is listed"):
+    store.add_documents(f32_bank, make_docs(5, [2], SPEC))
+  with pytest.raises(BankError, match=r"next_shard=1"):
+    store.compact(f32_bank)
+  assert {f: f.read_bytes() for f in (f32_bank / "shards").rglob("*.npy")} == before
+
+
+@pytest.mark.parametrize("edit,pattern", [
+    (lambda m: m["shards"].reverse(), r"'s000000' repeats or is out of order"),
+    (lambda m: m["shards"][1].update(name=m["shards"][0]["name"]), r"repeats or is out of order"),
+    (lambda m: m["shards"][0].update(generation=m["generation"] + 1),
+     r"shards\[0\]\.generation=\d+ is out of order or above the manifest's generation"),
+    (lambda m: m["shards"][1].update(generation=m["shards"][0]["generation"] - 1),
+     r"shards\[1\]\.generation=\d+ is out of order"),
+    (lambda m: m.update(inputs=[{"sha256": "0" * 64, "num_docs": 2, "first_id": 0,
+                                 "committed": 3}]), r"inputs\[0\]\.committed=3 does not fit"),
+])
+def test_manifest_invariants_are_checked_on_open(f32_bank, edit, pattern):
+  mpath = f32_bank / "manifest.json"
+  m = json.loads(mpath.read_text())
+  edit(m)
+  mpath.write_text(sealed(m))
+  with pytest.raises(BankError, match=pattern):
+    open_bank(f32_bank)
+  with pytest.raises(BankError, match=pattern):
+    BankWriter(f32_bank)
+
+
+def test_a_writer_never_rewrites_a_shard_the_manifest_lists(f32_bank):
+  with BankWriter(f32_bank) as w:
+    w._manifest = dict(w._manifest, next_shard=1)  # as if the check on open had been skipped
+    with pytest.raises(BankError, match=r"s000001: the manifest lists this shard; refusing"):
+      w.append(make_docs(5, [2], SPEC))
+  assert live_view(open_bank(f32_bank)) == live_view(
+      MemoryBank.from_encoded(SPEC, concat(batches(SPEC)[:2])))
 
 
 def test_bad_input_rejected_at_append(tmp_path):
@@ -456,5 +529,73 @@ def test_compaction_is_crash_safe(tmp_path, monkeypatch):
   assert live_view(open_bank(path)) == live_view(before)
 
 
+@pytest.mark.parametrize("max_shard_docs", [None, 2, 7])
+def test_compacting_a_compact_bank_changes_nothing(tmp_path, max_shard_docs):
+  path = tmp_path / "bank"
+  build(path, SPEC, batches(SPEC))  # 12 documents in 6 shards
+  store.delete_documents(path, [3])
+  n = 11
+  assert store.compact(path, max_shard_docs=max_shard_docs) == 1
+  manifest = (path / "manifest.json").read_bytes()
+  assert store.compact(path, max_shard_docs=max_shard_docs) == 0
+  assert (path / "manifest.json").read_bytes() == manifest  # no rewrite, no new generation
+  sizes = [s["num_docs"] for s in json.loads(manifest)["shards"]]
+  assert sizes == ([n] if max_shard_docs is None else
+                   [max_shard_docs] * (n // max_shard_docs) + [n % max_shard_docs] * bool(
+                       n % max_shard_docs))
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_reader_gets_a_snapshot_when_a_compaction_removes_files_under_it(f32_bank, monkeypatch,
+                                                                           verify):
+  """A shard file vanishes after the reader found it listed (and sized): it starts over from
+  the newer manifest instead of failing."""
+  store.delete_documents(f32_bank, [1])
+  after = tmp = None
+  real = store._sha256_file if verify else np.load
+  fired = []
+
+  def vanish_then_read(path, *args, **kwargs):
+    nonlocal after
+    if not fired and "shards" in str(path):
+      fired.append(path)
+      monkeypatch.setattr(*target, real)  # the compaction itself reads normally
+      store.compact(f32_bank)
+      monkeypatch.setattr(*target, vanish_then_read)
+    return real(path, *args, **kwargs)
+
+  target = (store, "_sha256_file") if verify else (np, "load")
+  monkeypatch.setattr(*target, vanish_then_read)
+  got = open_bank(f32_bank, verify=verify, mmap=False)
+  monkeypatch.undo()
+  assert fired and not fired[0].exists()
+  assert live_view(got) == live_view(open_bank(f32_bank))
+  assert got.live.all() and 1 not in got.doc_ids.tolist()
+
+
+def _compactor_main(path: str, seconds: float) -> None:
+  """Compacts the bank over and over (alternating shard sizes, so every call rewrites)."""
+  end, i = time.time() + seconds, 0
+  while time.time() < end:
+    store.compact(path, max_shard_docs=2 + i % 2)
+    i += 1
+  print(i)
+
+
+def test_readers_never_fail_while_another_process_compacts(f32_bank):
+  store.compact(f32_bank, max_shard_docs=3)
+  proc = subprocess.Popen([sys.executable, __file__, "compactor", str(f32_bank), "4"],
+                          cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  want, opens = live_view(open_bank(f32_bank)), 0
+  while proc.poll() is None:
+    for verify in (True, False):
+      assert live_view(open_bank(f32_bank, verify=verify)) == want
+      opens += 1
+  assert proc.returncode == 0
+  assert int(proc.stdout.read()) > 10 and opens > 50
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["writer"]:
   _writer_main(sys.argv[2], sys.argv[3])
+if __name__ == "__main__" and sys.argv[1:2] == ["compactor"]:
+  _compactor_main(sys.argv[2], float(sys.argv[3]))

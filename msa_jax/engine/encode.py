@@ -11,7 +11,9 @@ budget, with short batches padded by empty rows, so jit compiles one shape per b
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import time
 from typing import Callable, Iterator
 
@@ -217,15 +219,39 @@ class Progress:
           f"{rate:,.0f} tokens/s, ETA {eta:,.0f} s", file=self.out, flush=True)
 
 
+def fingerprint(tokens: np.ndarray, lengths: np.ndarray) -> str:
+  """sha256 of documents (tokens [M, Lmax] padded with anything, lengths [M]): of the lengths
+  then every document's tokens, as little-endian int64, in order. Padding does not count."""
+  tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+  sha = hashlib.sha256(b"msa-jax documents v1\0")
+  sha.update(np.ascontiguousarray(lengths, "<i8").tobytes())
+  valid = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
+  sha.update(np.ascontiguousarray(tokens[valid], "<i8").tobytes())
+  return sha.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+  """What `encode_to_bank` did: the input's ids `first_id .. first_id + num_docs - 1`."""
+
+  first_id: int
+  num_docs: int
+  resumed_from: int  # documents of this input that were already committed
+  bank_docs: int     # live documents in the bank now
+
+
 def encode_to_bank(model: MSAForCausalLM, tokens: np.ndarray, lengths: np.ndarray, path, *,
                    template: np.ndarray | None = None, dtype: str = "float32",
-                   shard_docs: int = 1024, batch_tokens: int = 8192,
-                   progress: Callable[[int, int], None] | None = None):
+                   shard_docs: int = 1024, batch_tokens: int = 8192, append: bool = False,
+                   progress: Callable[[int, int], None] | None = None) -> Encoded:
   """Encodes documents into the on-disk bank at `path`, one committed shard per `shard_docs`.
 
-  Resumable: if the bank exists (same model and dtype), documents already committed are skipped,
-  so a killed encode continues where it stopped and ends with the same bank as an uninterrupted
-  one. Document i gets id i. Returns the `BankWriter`'s final document count.
+  Resumable: the bank remembers a fingerprint of each input it encoded (`fingerprint`) and how
+  much of it is committed, so re-running the same encode after a kill continues where it stopped
+  and ends with the same bank as an uninterrupted run, and re-running a finished one changes
+  nothing (documents deleted since stay deleted). Document i gets id `first_id + i`: 0 in a new
+  bank. A bank that holds other documents is refused unless `append`, which adds these documents
+  under new ids (from the bank's `next_doc_id`; an append is resumable the same way).
   """
   import ml_dtypes
 
@@ -234,19 +260,32 @@ def encode_to_bank(model: MSAForCausalLM, tokens: np.ndarray, lengths: np.ndarra
 
   tokens, lengths = np.asarray(tokens), np.asarray(lengths)
   check_documents(tokens, lengths, model.cfg.vocab_size)
+  if not len(lengths):
+    raise EncodeError("no documents to encode (the input is empty)")
+  if shard_docs < 1:
+    raise EncodeError(f"shard_docs={shard_docs} must be >= 1")
   np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
   spec = BankSpec.for_model(model.cfg, dtype)
   tpl = None if template is None else encode_template(model, template, np_dtype)
+  sha = fingerprint(tokens, lengths)
   with BankWriter(path, spec, template=tpl) as writer:
-    start = writer.num_committed_docs
-    if start > len(lengths):
-      raise EncodeError(f"{path} already holds {start} documents, more than the {len(lengths)} given")
+    record = writer.input_record(sha)
+    if record is None:
+      if writer.next_doc_id and not append:
+        raise EncodeError(
+            f"{path} holds documents encoded from another input ({writer.num_live_docs} live, "
+            f"ids below {writer.next_doc_id}); an encode resumes only the documents it started "
+            "with. To add these documents to the bank under new ids, encode them with --append "
+            "(encode_to_bank(..., append=True)); to start over, use a new bank directory")
+      record = writer.new_input(sha, len(lengths))
+    start = record.committed
     base_tokens = int(lengths[:start].sum())
     for s in range(start, len(lengths), shard_docs):
       e = min(s + shard_docs, len(lengths))
       done = (lambda d, t, s=s: progress(s + d, base_tokens + t)) if progress else None
       enc = encode_documents(model, tokens[s:e], lengths[s:e], dtype=np_dtype,
                              batch_tokens=batch_tokens, progress=done)
-      writer.append(enc, doc_ids=np.arange(s, e))
+      record = writer.append_input(enc, record)
       base_tokens += int(lengths[s:e].sum())
-    return writer.num_committed_docs
+    return Encoded(first_id=record.first_id, num_docs=record.num_docs, resumed_from=start,
+                   bank_docs=writer.num_live_docs)

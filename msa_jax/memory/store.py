@@ -49,7 +49,10 @@ manifest.json is a JSON object::
     "num_chunks": int,              # = sum of shards' num_chunks
     "tombstones": [int, ...],       # ascending ids deleted (no live version)
     "template": null | {"length": int, "files": FILES},
-    "shards": [{"name": str, "num_docs": int, "num_chunks": int, "files": FILES}, ...]
+    "shards": [{"name": str, "num_docs": int, "num_chunks": int, "files": FILES,
+                "generation": int}, ...],   # the generation that committed the shard
+    "inputs": [{"sha256": str, "num_docs": int, "first_id": int, "committed": int}, ...],
+    "checksum": str                 # sha256 of the canonical JSON of every other key
   }
 
 where FILES maps every file name of that directory to `{"bytes": int, "sha256": str}` of the
@@ -58,7 +61,19 @@ document; document ids are integers >= 0. Document rows are numbered in shard or
 manifest order, rows in file order); that is `MemoryBank`'s row order. Readers reject a manifest
 whose format or version differs, whose fields are missing or of the wrong type, or whose counts
 disagree with each other or with the files, and a file whose size, header or checksum differs
-from its entry.
+from its entry. The manifest's own `checksum` (sha256 of `json.dumps(manifest without
+"checksum", sort_keys=True, separators=(",", ":"))`) is checked before anything it lists, so a
+damaged manifest is reported as such. Invariants checked on every open: shard names ascend in
+commit order and lie below `next_shard`; shard generations do not decrease and do not pass the
+manifest's; `next_doc_id` is above every stored id; tombstones name stored ids. `checksum`,
+per-shard `generation` and `inputs` were added to version 1 later: manifests without them still
+open (nothing to check), and every write adds them.
+
+`inputs` is what makes `msa_jax.engine.encode.encode_to_bank` resumable without trusting a count:
+one record per input (a fingerprint of all its documents) that an encode committed documents
+from, with the ids it gave them (`first_id + i`) and how many are committed. Re-running an encode
+finds its record and continues after `committed`; an input with another fingerprint is refused
+unless it is appended as new documents.
 
 Liveness: a row is live iff its id is not in `tombstones` and no later row has the same id. So
 deleting adds the id to `tombstones`; replacing appends a shard with the same id (the older row
@@ -111,6 +126,7 @@ _MANIFEST_TMP = MANIFEST + ".tmp-"
 _SHARD_NAME = re.compile(r"s\d{6,}\Z")
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 _BLOCK_BYTES = 32 << 20  # rows are written / copied in blocks of about this size
+_OPEN_ATTEMPTS = 64  # manifests a reader tries while compactions replace shards under it
 
 PathLike = str | os.PathLike
 
@@ -137,6 +153,21 @@ class _MissingFile(BankError):
   pass
 
 
+@dataclasses.dataclass(frozen=True)
+class InputRecord:
+  """What a resumable encode was given, as the manifest's `inputs` remember it.
+
+  Document i of that input has id `first_id + i`; documents 0 .. committed-1 are committed (they
+  may have been deleted or replaced since: the record still counts them, so a re-run of the same
+  encode never brings them back).
+  """
+
+  sha256: str     # fingerprint of the input documents (`msa_jax.engine.encode.fingerprint`)
+  num_docs: int
+  first_id: int
+  committed: int = 0
+
+
 # --- small helpers ------------------------------------------------------------------------------
 
 
@@ -149,8 +180,9 @@ def _fsync_dir(path: pathlib.Path) -> None:
 
 
 def _publish_dir(tmp: pathlib.Path, target: pathlib.Path) -> None:
-  """Renames a fully written (and fsynced) directory into place."""
-  if target.exists():  # a shard a killed writer renamed but never committed
+  """Renames a fully written (and fsynced) directory into place (the caller checked that no
+  committed manifest lists `target`)."""
+  if target.exists():  # a shard a killed or failed writer renamed but never committed
     shutil.rmtree(target)
   os.rename(tmp, target)
   _fsync_dir(target.parent)
@@ -180,6 +212,10 @@ def _to_disk(a: np.ndarray, spec: BankSpec, what: str) -> np.ndarray:
   if a.dtype.kind in "biuOSUM":
     raise BankError(f"{what}: expected a floating-point array, got dtype {a.dtype}")
   a = a.astype(mem, copy=False)
+  bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+  if bad:  # NaN K/V (e.g. from an out-of-vocabulary token) would poison every later request
+    raise BankError(f"{what}: holds {bad} non-finite values (NaN/Inf); a bank stores only finite "
+                    "keys and values")
   if spec.dtype == "bfloat16":
     a = a.view(np.uint16)
   return np.ascontiguousarray(a.astype(disk, copy=False))
@@ -375,6 +411,13 @@ def _spec_to_json(spec: BankSpec) -> dict:
   return d
 
 
+def _manifest_digest(m: dict) -> str:
+  """sha256 of the manifest's canonical JSON (sorted keys, no spaces) without "checksum"."""
+  body = {k: v for k, v in m.items() if k != "checksum"}
+  return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+                        ).hexdigest()
+
+
 def _parse_manifest(raw: bytes, path: pathlib.Path) -> tuple[dict, BankSpec]:
   try:
     m = json.loads(raw)
@@ -382,6 +425,10 @@ def _parse_manifest(raw: bytes, path: pathlib.Path) -> tuple[dict, BankSpec]:
     raise _malformed(path, f"not valid JSON: {e}") from None
   if not isinstance(m, dict):
     raise _malformed(path, "not a JSON object")
+  # Checked first: a damaged manifest must be reported as such, not as a damaged file it lists.
+  if "checksum" in m and m["checksum"] != _manifest_digest(m):
+    raise BankError(f"{path}: the manifest's checksum does not match its contents: the manifest "
+                    "was edited or damaged (the shard files were not checked)")
   fmt = m.get("format")
   if fmt != FORMAT_NAME:
     raise BankError(f"{path}: not a memory bank manifest (format {fmt!r}, expected "
@@ -405,16 +452,44 @@ def _parse_manifest(raw: bytes, path: pathlib.Path) -> tuple[dict, BankSpec]:
     _int(template, "length", path, "template.")
     _parse_files(template, _template_files(spec), path, "template.")
   shards = _get(m, "shards", list, path)
-  names = set()
+  last_number, last_generation = -1, 0
   for i, s in enumerate(shards):
     where = f"shards[{i}]."
     name = _get(s, "name", str, path, where)
-    if not _SHARD_NAME.match(name) or name in names:
-      raise _malformed(path, f"{where}name {name!r} is not a valid unique shard name")
-    names.add(name)
+    if not _SHARD_NAME.match(name):
+      raise _malformed(path, f"{where}name {name!r} is not a valid shard name")
+    # Shards are numbered in commit order and never reused: names unique, ascending, and below
+    # next_shard (else the next append would reuse a committed shard's name).
+    number = int(name[1:])
+    if number <= last_number:
+      raise _malformed(path, f"{where}name {name!r} repeats or is out of order (shard names "
+                             "ascend in commit order)")
+    if number >= m["next_shard"]:
+      raise _malformed(path, f"next_shard={m['next_shard']} but shard {name!r} is listed "
+                             "(next_shard must be above every shard's number)")
+    last_number = number
     _int(s, "num_docs", path, where, minimum=1)
     _int(s, "num_chunks", path, where, minimum=1)
     _parse_files(s, _shard_files(spec), path, where)
+    if "generation" in s:  # the manifest generation that committed the shard (absent before)
+      g = _int(s, "generation", path, where, minimum=1)
+      if g < last_generation or g > m["generation"]:
+        raise _malformed(path, f"{where}generation={g} is out of order or above the manifest's "
+                               f"generation {m['generation']} (generations only grow)")
+      last_generation = g
+  fingerprints = set()
+  for i, rec in enumerate(_get(m, "inputs", list, path) if "inputs" in m else []):
+    where = f"inputs[{i}]."
+    sha = _get(rec, "sha256", str, path, where)
+    if not _SHA256.match(sha) or sha in fingerprints:
+      raise _malformed(path, f"{where}sha256 is not a unique sha256 hex digest")
+    fingerprints.add(sha)
+    n = _int(rec, "num_docs", path, where, minimum=1)
+    first = _int(rec, "first_id", path, where)
+    done = _int(rec, "committed", path, where)
+    if done > n or (done and first + done > m["next_doc_id"]):
+      raise _malformed(path, f"{where}committed={done} does not fit num_docs={n}, first_id="
+                             f"{first} and next_doc_id={m['next_doc_id']}")
   if m["num_docs"] != sum(s["num_docs"] for s in shards):
     raise _malformed(path, "num_docs is not the sum of the shards' num_docs")
   if m["num_chunks"] != sum(s["num_chunks"] for s in shards):
@@ -441,21 +516,29 @@ def read_manifest(path: PathLike) -> tuple[dict, BankSpec]:
 def _load_npy(path: pathlib.Path, entry: dict, dtype: np.dtype, shape: tuple[int, ...], *,
               verify: bool, mmap: bool) -> np.ndarray:
   """Checks a listed file (present, exact size, checksum if `verify`, header) and loads it."""
+  # A file can vanish at any of these steps when a compaction removes the shards of an older
+  # manifest: that is a _MissingFile, which `open_bank` retries with the new manifest.
+  missing = _MissingFile(f"{path}: missing file (listed in the manifest)")
   try:
     size = path.stat().st_size
   except FileNotFoundError:
-    raise _MissingFile(f"{path}: missing file (listed in the manifest)") from None
+    raise missing from None
   if size != entry["bytes"]:
     what = "truncated" if size < entry["bytes"] else "wrong size"
     raise BankError(f"{path}: {what} file ({size} bytes, the manifest says {entry['bytes']})")
   if verify:
-    got = _sha256_file(path)
+    try:
+      got = _sha256_file(path)
+    except FileNotFoundError:
+      raise missing from None
     if got != entry["sha256"]:
       raise BankError(f"{path}: checksum mismatch (sha256 {got}, the manifest says "
                       f"{entry['sha256']}); the file is corrupt")
   nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
   try:
     a = np.load(path, mmap_mode="r" if mmap and nbytes else None, allow_pickle=False)
+  except FileNotFoundError:
+    raise missing from None
   except (ValueError, OSError, EOFError) as e:
     raise BankError(f"{path}: unreadable .npy file ({e})") from None
   if a.dtype != dtype or a.shape != tuple(shape):
@@ -576,9 +659,21 @@ class ContentReader:
     return self.gather(layer, self.doc_chunks(doc_rows))
 
 
-def _open_once(path: pathlib.Path, spec: BankSpec | None, verify: bool, mmap: bool
-               ) -> MemoryBank:
-  m, stored = read_manifest(path)
+def _check_ids(m: dict, ids: np.ndarray, path: pathlib.Path) -> np.ndarray:
+  """Checks the manifest's id bookkeeping against the stored ids [M]; returns liveness [M]."""
+  if ids.size and int(ids.max()) >= m["next_doc_id"]:
+    raise _malformed(path, f"next_doc_id={m['next_doc_id']} but id {int(ids.max())} is stored "
+                           "(next_doc_id must be above every stored id)")
+  if not set(m["tombstones"]) <= set(ids.tolist()):
+    raise _malformed(path, "tombstones name ids no shard stores")
+  live = _liveness(ids, m["tombstones"])
+  if int(live.sum()) != m["num_live_docs"]:
+    raise _malformed(path, f"num_live_docs={m['num_live_docs']} but {live.sum()} rows are live")
+  return live
+
+
+def _open_once(path: pathlib.Path, m: dict, stored: BankSpec, spec: BankSpec | None,
+               verify: bool, mmap: bool) -> MemoryBank:
   if spec is not None:
     _compare_specs(stored, spec, path / MANIFEST)
   mem, disk = _dtypes(stored)
@@ -615,13 +710,7 @@ def _open_once(path: pathlib.Path, spec: BankSpec | None, verify: bool, mmap: bo
 
   ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
   lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
-  stored_ids = set(ids.tolist())
-  if not set(m["tombstones"]) <= stored_ids:
-    raise _malformed(path / MANIFEST, "tombstones name ids no shard stores")
-  live = _liveness(ids, m["tombstones"])
-  if int(live.sum()) != m["num_live_docs"]:
-    raise _malformed(path / MANIFEST, f"num_live_docs={m['num_live_docs']} but {live.sum()} "
-                                      "rows are live")
+  live = _check_ids(m, ids, path / MANIFEST)
   counts = _chunk_counts(lengths, stored.pooling_size)
   offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
 
@@ -654,23 +743,24 @@ def open_bank(path: PathLike, *, spec: BankSpec | None = None, verify: bool = Tr
     memory (a single shard's stay memory-mapped). Without mmap everything is read into memory.
   """
   path = pathlib.Path(path)
-  for attempt in range(3):
-    generation = _generation(path)
+  m, stored = read_manifest(path)
+  for _ in range(_OPEN_ATTEMPTS):
     try:
-      return _open_once(path, spec, verify, mmap)
+      return _open_once(path, m, stored, spec, verify, mmap)
     except _MissingFile:
-      # A compaction may have swapped the manifest and removed the old shards while we read
-      # them: retry with the new manifest; if the manifest did not change, the file is missing.
-      if attempt == 2 or _generation(path) == generation:
+      # A compaction swapped the manifest and removed the shards of the one we were reading:
+      # start over from the new manifest (a snapshot). Only a file missing under an unchanged
+      # manifest is an error. Generations only grow, so this ends once writes pause.
+      newer, stored = read_manifest(path)
+      if newer["generation"] == m["generation"]:
         raise
-  raise AssertionError("unreachable")
-
-
-def _generation(path: pathlib.Path) -> int | None:
-  try:
-    return read_manifest(path)[0]["generation"]
-  except BankError:
-    return None
+      if newer["generation"] < m["generation"]:
+        raise BankError(f"{path / MANIFEST}: generation went back from {m['generation']} to "
+                        f"{newer['generation']} while reading (the manifest was replaced by an "
+                        "older copy)") from None
+      m = newer
+  raise BankError(f"{path}: the bank changed {_OPEN_ATTEMPTS} times while being opened; "
+                  "try again when its writer pauses")
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -755,8 +845,9 @@ class BankWriter:
         self._manifest, self.spec = read_manifest(self.path)
         if spec is not None:
           _compare_specs(self.spec, spec, self.path / MANIFEST)
-        self._cleanup()
         self._shard_ids = [self._read_ids(s) for s in self._manifest["shards"]]
+        _check_ids(self._manifest, self._all_ids(), self.path / MANIFEST)
+        self._cleanup()  # only after the manifest proved consistent: it decides what is garbage
         if template is not None:
           self._check_same_template(template)
       else:
@@ -874,6 +965,7 @@ class BankWriter:
     m = dict(m, generation=self._manifest["generation"] + 1)
     ids = self._all_ids()
     m["num_live_docs"] = int(_liveness(ids, m["tombstones"]).sum())
+    m["checksum"] = _manifest_digest(m)
     blob = (json.dumps(m, indent=1, sort_keys=True) + "\n").encode()
     tmp = self.path / f"{_MANIFEST_TMP}{os.getpid()}-{secrets.token_hex(4)}"
     with open(tmp, "xb") as f:
@@ -886,6 +978,10 @@ class BankWriter:
   def _write_dir(self, kind: str, files: dict[str, tuple[np.dtype, tuple, Any]],
                  target: pathlib.Path) -> dict[str, dict]:
     """Writes {name: (dtype, shape, blocks)} into a temp dir, fsyncs, renames it to `target`."""
+    if target.parent.name == SHARDS and any(s["name"] == target.name
+                                            for s in self._manifest["shards"]):
+      raise BankError(f"{target}: the manifest lists this shard; refusing to overwrite committed "
+                      "data (is the manifest's next_shard too low?)")
     tmp = self.path / _tmp_name(kind)
     tmp.mkdir()
     try:
@@ -920,8 +1016,10 @@ class BankWriter:
     return f"s{self._manifest['next_shard']:06d}"
 
   def _commit_shard(self, ids: np.ndarray, lengths: np.ndarray,
-                    arrays: dict[str, tuple[tuple, Any]], tombstones: list[int]) -> None:
-    """Writes one shard (arrays: name -> (shape, blocks) in the disk dtype) and commits it."""
+                    arrays: dict[str, tuple[tuple, Any]], tombstones: list[int],
+                    source: InputRecord | None = None) -> None:
+    """Writes one shard (arrays: name -> (shape, blocks) in the disk dtype) and commits it
+    (with `source`'s record, when given, advanced past these documents in the same write)."""
     disk = _dtypes(self.spec)[1]
     c = int(_chunk_counts(lengths, self.spec.pooling_size).sum())
     files = {"doc_ids.npy": (_INT, ids.shape, [ids.astype(_INT)]),
@@ -931,12 +1029,16 @@ class BankWriter:
     entries = self._write_dir(f"shard-{name}", files, self.path / SHARDS / name)
     m = dict(self._manifest)
     m["shards"] = m["shards"] + [{"name": name, "num_docs": int(ids.size), "num_chunks": c,
-                                  "files": entries}]
+                                  "files": entries, "generation": m["generation"] + 1}]
     m["next_shard"] += 1
     m["num_docs"] += int(ids.size)
     m["num_chunks"] += c
     m["next_doc_id"] = max(m["next_doc_id"], int(ids.max()) + 1)
     m["tombstones"] = tombstones
+    if source is not None:
+      done = dataclasses.replace(source, committed=source.committed + int(ids.size))
+      m["inputs"] = [r for r in m.get("inputs", []) if r["sha256"] != source.sha256] + [
+          dataclasses.asdict(done)]
     self._shard_ids.append(ids)
     try:
       self._write_manifest(m)
@@ -956,6 +1058,51 @@ class BankWriter:
     if np.unique(ids).size != m:
       raise BankError("doc_ids repeat an id within one call")
     return ids
+
+  # --- encode inputs ---
+
+  @property
+  def inputs(self) -> list[InputRecord]:
+    """The inputs resumable encodes have committed documents from, oldest first."""
+    return [InputRecord(**r) for r in self._manifest.get("inputs", [])]
+
+  def input_record(self, sha256: str) -> InputRecord | None:
+    """The record of the input with this fingerprint, or None if no encode committed from it."""
+    return next((r for r in self.inputs if r.sha256 == sha256), None)
+
+  def new_input(self, sha256: str, num_docs: int, first_id: int | None = None) -> InputRecord:
+    """A record for an input not seen before (stored with its first committed shard); its ids
+    start at `first_id`, by default `next_doc_id`, and never below it."""
+    if not _SHA256.match(sha256) or self.input_record(sha256) is not None or num_docs < 1:
+      raise BankError(f"a new input needs a fresh sha256 fingerprint and >= 1 document, got "
+                      f"{sha256!r} with {num_docs}")
+    first_id = self.next_doc_id if first_id is None else int(first_id)
+    if first_id < self.next_doc_id:
+      raise BankError(f"first_id={first_id} is below the bank's next_doc_id {self.next_doc_id}")
+    return InputRecord(sha256=sha256, num_docs=num_docs, first_id=first_id)
+
+  def append_input(self, enc: EncodedDocs, record: InputRecord) -> InputRecord:
+    """Appends the input's next `len(enc.lengths)` documents (ids `first_id + committed + i`) and
+    advances its record in the same commit; returns the advanced record."""
+    self._check_open()
+    stored = self.input_record(record.sha256)
+    if (stored or dataclasses.replace(record, committed=0)) != record:
+      raise BankError(f"{self.path}: the record of input {record.sha256[:12]} is stale or "
+                      "altered (resume from `input_record`)")
+    lengths, _ = _check_encoded(enc, self.spec)
+    if record.committed + lengths.size > record.num_docs:
+      raise BankError(f"appending {lengths.size} documents would pass the input's "
+                      f"{record.num_docs}")
+    start = record.first_id + record.committed
+    ids = np.arange(start, start + lengths.size, dtype=np.int64)
+    clash = np.intersect1d(ids, self.live_doc_ids)
+    if clash.size:
+      raise BankError(f"{self.path}: ids {clash[:10].tolist()} of this input are already taken "
+                      "by other documents; the input cannot be resumed here")
+    if lengths.size:
+      self._append(enc, lengths, ids,
+                   sorted(set(self._manifest["tombstones"]) - set(ids.tolist())), record)
+    return dataclasses.replace(record, committed=record.committed + int(lengths.size))
 
   # --- public operations ---
 
@@ -991,13 +1138,13 @@ class BankWriter:
     return ids
 
   def _append(self, enc: EncodedDocs, lengths: np.ndarray, ids: np.ndarray,
-              tombstones: list[int]) -> None:
+              tombstones: list[int], source: InputRecord | None = None) -> None:
     arrays = {}
     for l in self.spec.router_layers:
       for kind in ("keys", "values", "routing_keys"):
         a = _to_disk(getattr(enc, kind)[l], self.spec, f"EncodedDocs.{kind}[{l}]")
         arrays[f"{kind}_L{l}.npy"] = (a.shape, _row_blocks(a))
-    self._commit_shard(ids, lengths, arrays, tombstones)
+    self._commit_shard(ids, lengths, arrays, tombstones, source)
 
   def _require_live(self, ids: np.ndarray) -> None:
     missing = np.setdiff1d(ids, self.live_doc_ids)
@@ -1030,8 +1177,11 @@ class BankWriter:
       raise BankError(f"max_shard_docs={max_shard_docs} must be >= 1")
     old = list(self._manifest["shards"])
     live = self._live()
-    if live.all() and len(old) <= 1 and (max_shard_docs is None or not old
-                                         or old[0]["num_docs"] <= max_shard_docs):
+    n = int(live.size)
+    step = max_shard_docs or max(1, n)
+    # Already compact: every row live and the shards exactly the groups a rewrite would make.
+    if live.all() and [s["num_docs"] for s in old] == [min(step, n - i)
+                                                       for i in range(0, n, step)]:
       return 0
     _, disk = _dtypes(self.spec)
     kh = (self.spec.num_kv_heads, self.spec.head_dim)
@@ -1047,6 +1197,7 @@ class BankWriter:
     rows = [(i, r) for i, ids in enumerate(self._shard_ids) for r in range(ids.size)]
     live_rows = [rows[g] for g in np.flatnonzero(live)]
     step = max_shard_docs or max(1, len(live_rows))
+    generation = self._manifest["generation"] + 1
     groups = [live_rows[i:i + step] for i in range(0, len(live_rows), step)]
 
     new_shards, new_ids, all_ids = [], [], self._all_ids()
@@ -1064,7 +1215,7 @@ class BankWriter:
         files.update({n: (disk, shape, blocks) for n, (shape, blocks) in arrays.items()})
         entries = self._write_dir(f"compact-{name}", files, self.path / SHARDS / name)
         new_shards.append({"name": name, "num_docs": int(ids.size), "num_chunks": c,
-                           "files": entries})
+                           "files": entries, "generation": generation})
         new_ids.append(ids)
         m["next_shard"] += 1
       m.update(shards=new_shards, tombstones=[],

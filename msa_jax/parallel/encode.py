@@ -70,18 +70,25 @@ def encode_to_process_bank(model: MSAForCausalLM, tokens: np.ndarray, lengths: n
   np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
   tpl = None if template is None else stage1.encode_template(model, template, np_dtype)
   pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  sha = stage1.fingerprint(tokens[start:end], lengths[start:end])
   with BankWriter(path, BankSpec.for_model(cfg, dtype), template=tpl) as writer:
-    done = start + writer.num_committed_docs
-    if done > end:
-      raise stage1.EncodeError(f"{path} holds {writer.num_committed_docs} documents, more than "
-                               f"this process's {end - start}")
+    if end == start:  # more processes than document groups: this one's bank stays empty
+      return start, end
+    # The bank remembers what it was encoded from: resume only this process's same documents.
+    record = writer.input_record(sha)
+    if record is None:
+      if writer.next_doc_id:
+        raise stage1.EncodeError(f"{path} holds documents encoded from another input; a "
+                                 "process bank resumes only its own documents")
+      record = writer.new_input(sha, end - start, first_id=start)
+    done = start + record.committed
     base_tokens = int(lengths[start:done].sum())
     for s in range(done, end, shard_docs):
       e = min(s + shard_docs, end)
       step = (lambda d, t, s=s, b=base_tokens: progress(s - start + d, b + t)) if progress else None
       enc = encode_documents_sharded(model, tokens[s:e], lengths[s:e], mesh, dtype=np_dtype,
                                      batch_tokens=batch_tokens, progress=step)
-      writer.append(enc, doc_ids=np.arange(s, e))
+      record = writer.append_input(enc, record)
       base_tokens += int(lengths[s:e].sum())
   return start, end
 
