@@ -434,6 +434,25 @@ def test_bad_input_rejected_at_append(tmp_path):
     BankWriter(tmp_path / "nothing")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_non_finite_keys_or_values_are_never_stored(tmp_path, dtype):
+  spec = spec_for(dtype)
+  docs = make_docs(0, [3, 5], spec)
+  docs.values[3][1, 0, 2] = np.nan
+  docs.routing_keys[1][0, 1, 1] = np.inf
+  with BankWriter(tmp_path / "bank", spec) as w:
+    with pytest.raises(BankError, match=r"EncodedDocs\.routing_keys\[1\]: holds 1 non-finite"):
+      w.append(docs)
+    docs.routing_keys[1][0, 1, 1] = 0
+    with pytest.raises(BankError, match=r"EncodedDocs\.values\[3\]: holds 1 non-finite"):
+      w.append(docs)
+    tpl = make_template(spec)
+    tpl.keys[0][0, 0, 0] = np.nan
+  with pytest.raises(BankError, match=r"Template\.keys\[0\]: holds 1 non-finite"):
+    BankWriter(tmp_path / "other", spec, template=tpl)
+  assert open_bank(tmp_path / "bank").doc_ids.size == 0
+
+
 def test_template_is_fixed_at_creation(tmp_path):
   spec = spec_for("bfloat16")
   tpl = make_template(spec)
