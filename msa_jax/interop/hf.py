@@ -9,24 +9,30 @@ is never needed.
 Two config.json flavours are read and written: the official MSA one (`model_type: "msa"` with an
 `msa_config`) and a plain Qwen3 one (`model_type: "qwen3"`, what transformers' `Qwen3ForCausalLM`
 loads), for a dense model without router layers.
+
+Integrity: `save_checkpoint` records a checksum of the tensors in the safetensors header
+(`tensors_sha256`), and `load_checkpoint` verifies it where present and refuses NaN/Inf weights in
+any checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
+import re
 import stat
 import uuid
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from msa_jax import config as config_lib
 from msa_jax.config import ModelConfig
@@ -39,6 +45,11 @@ ModelType = Literal["msa", "qwen3"]
 # Dtypes a checkpoint tensor may have (jax would silently narrow 64-bit ones).
 _DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))
 _WEIGHTS = "model.safetensors"
+# The integrity record that save_checkpoint writes into the header's __metadata__: the digest and
+# the name of its definition (`tensors_sha256`), so that a later definition can be told apart.
+_SHA256_KEY = "msa_jax.sha256"
+_CHECKSUM_KEY = "msa_jax.checksum"
+_CHECKSUM_FORMAT = "sha256-tensors-v1"
 
 
 class CheckpointError(ValueError):
@@ -122,6 +133,70 @@ def read_config(ckpt_dir: str | os.PathLike, **kw) -> ModelConfig:
   return _config_from_dict(ckpt_dir, _read_config_dict(ckpt_dir), **kw)
 
 
+def tensors_sha256(tensors: Mapping[str, np.ndarray]) -> str:
+  """The checksum that `save_checkpoint` records, as 64 lowercase hex digits.
+
+  sha256 over every tensor in sorted name order (code points), each contributing the ASCII line
+  `json.dumps([name, dtype, shape], separators=(",", ":")) + "\\n"` (dtype as numpy names it, e.g.
+  "bfloat16"; shape a list of ints) followed by its raw bytes, C order, little-endian. It covers
+  names, dtypes, shapes and values but not the file layout (tensor order, alignment, header), so
+  it does not depend on how a writer lays the tensors out.
+  """
+  sha = hashlib.sha256()
+  for name in sorted(tensors):
+    a = np.asarray(tensors[name])
+    raw = np.require(a, a.dtype.newbyteorder("<"), "C")  # a no-op on little-endian hosts
+    head = json.dumps([name, raw.dtype.name, [int(n) for n in raw.shape]], separators=(",", ":"))
+    sha.update(head.encode() + b"\n")
+    sha.update(raw.reshape(-1).view(np.uint8))  # the line fixes the byte count: no delimiter
+  return sha.hexdigest()
+
+
+def _verify_checksum(f: pathlib.Path, metadata: Mapping[str, str] | None,
+                     tensors: Mapping[str, np.ndarray]) -> None:
+  """Checks the record of `save_checkpoint` in a file's header; a file without one passes."""
+  metadata = metadata or {}
+  if _SHA256_KEY not in metadata and _CHECKSUM_KEY not in metadata:
+    return  # not written by save_checkpoint (e.g. an official checkpoint): nothing to verify
+  fmt, want = metadata.get(_CHECKSUM_KEY), metadata.get(_SHA256_KEY)
+  if fmt != _CHECKSUM_FORMAT:
+    got = "missing" if fmt is None else repr(fmt[:80])
+    raise CheckpointError(f"{f}: header metadata '{_CHECKSUM_KEY}' is {got}, expected "
+                          f"{_CHECKSUM_FORMAT!r}; cannot verify the weights")
+  if want is None:
+    raise CheckpointError(f"{f}: header metadata '{_SHA256_KEY}' (the checksum) is missing")
+  if not re.fullmatch(r"[0-9a-fA-F]{64}", want):
+    raise CheckpointError(f"{f}: malformed checksum in header metadata '{_SHA256_KEY}': "
+                          f"{want[:80]!r} is not 64 hex digits")
+  if tensors_sha256(tensors) != want.lower():
+    raise CheckpointError(f"{f}: checksum mismatch: the weights differ from what was saved "
+                          "(file damaged)")
+
+
+def check_finite(tensors: Mapping[str, Any], where: str | os.PathLike) -> None:
+  """Raises CheckpointError naming a tensor of `tensors` (name -> array) that holds NaN or Inf.
+
+  numpy arrays are counted on the host in one pass each; jax arrays on their devices, all in one
+  jitted call (no gather to the host). Non-float tensors are skipped.
+  """
+  floats = {k: v for k, v in tensors.items() if jnp.issubdtype(v.dtype, jnp.inexact)}
+  counts = {k: int(v.size - np.count_nonzero(np.isfinite(v)))
+            for k, v in floats.items() if not isinstance(v, jax.Array)}
+  on_device = {k: v for k, v in floats.items() if isinstance(v, jax.Array)}
+  if on_device:
+    counts.update({k: int(n) for k, n in jax.device_get(_count_nonfinite(on_device)).items()})
+  bad = sorted(k for k, n in counts.items() if n)
+  if bad:
+    more = f"; {len(bad) - 1} more tensors hold some too" if len(bad) > 1 else ""
+    raise CheckpointError(f"{where}: tensor '{bad[0]}' holds {counts[bad[0]]} non-finite values "
+                          f"(NaN/Inf){more}")
+
+
+@jax.jit
+def _count_nonfinite(tensors: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  return {k: jnp.count_nonzero(~jnp.isfinite(v)) for k, v in tensors.items()}
+
+
 def _read_tensors(ckpt_dir: pathlib.Path) -> dict[str, np.ndarray]:
   files = sorted(ckpt_dir.glob("*.safetensors"))
   if not files:
@@ -129,9 +204,13 @@ def _read_tensors(ckpt_dir: pathlib.Path) -> dict[str, np.ndarray]:
   tensors: dict[str, np.ndarray] = {}
   for f in files:
     try:
-      part = load_file(f)
+      with safe_open(f, framework="np") as g:
+        metadata = g.metadata()
+        part = {k: g.get_tensor(k) for k in g.keys()}
     except (SafetensorError, OSError, ValueError) as e:
       raise CheckpointError(f"cannot read {f}: {e}") from None
+    # Each file (shard) carries its own record, so a sharded checkpoint is verified file by file.
+    _verify_checksum(f, metadata, part)
     dup = set(part) & set(tensors)
     if dup:
       raise CheckpointError(f"tensors {sorted(dup)[:3]} appear in more than one file")
@@ -139,6 +218,7 @@ def _read_tensors(ckpt_dir: pathlib.Path) -> dict[str, np.ndarray]:
     if bad:
       raise CheckpointError(f"{f}: unsupported tensor dtypes {dict(sorted(bad.items())[:3])}; "
                             f"expected one of {[str(d) for d in _DTYPES]}")
+    check_finite(part, f)
     tensors.update(part)
   return tensors
 
@@ -150,7 +230,8 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, *, msa: config_lib.MSAConfig | 
   Tensors keep their stored dtype. A plain Qwen3 checkpoint (`model_type: "qwen3"`) may be given
   router layers with `msa=MSAConfig(router_layers=...)`; its router projections are then
   initialised from `seed` (in the dtype of the stored embedding) and `temperature` from the
-  config. Any other missing, unexpected or mis-shaped tensor is an error.
+  config. Any other missing, unexpected or mis-shaped tensor is an error, and so is a NaN/Inf
+  weight or a file whose checksum (recorded by `save_checkpoint`) does not match its tensors.
   """
   ckpt_dir = pathlib.Path(ckpt_dir)
   d = _read_config_dict(ckpt_dir)
@@ -224,7 +305,8 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, cfg: ModelConfig, params: Param
   staged as temporary files and only then renamed over any previous ones, so a failed export
   leaves a previous checkpoint intact and no temporary file behind. A directory holding other
   safetensors files (e.g. shards of a sharded checkpoint) is refused: they would be read together
-  with the new weights.
+  with the new weights. The header metadata records `tensors_sha256` of the weights, which
+  `load_checkpoint` verifies.
   """
   ckpt_dir = pathlib.Path(ckpt_dir)
   tensors = {}
@@ -247,8 +329,9 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, cfg: ModelConfig, params: Param
     raise CheckpointError(f"{ckpt_dir} holds other safetensors files {stale[:3]} that would be "
                           f"read together with the new {_WEIGHTS}; remove them or pick another "
                           "directory")
+  metadata = {"format": "pt", _CHECKSUM_KEY: _CHECKSUM_FORMAT, _SHA256_KEY: tensors_sha256(tensors)}
   _atomic_write_all(ckpt_dir, {
-      _WEIGHTS: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
+      _WEIGHTS: lambda p: save_file(tensors, p, metadata=metadata),
       "config.json": lambda p: pathlib.Path(p).write_text(text),
   })
 

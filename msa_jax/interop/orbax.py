@@ -19,6 +19,8 @@ from typing import Any, Callable, Mapping
 import jax
 import orbax.checkpoint as ocp
 
+from msa_jax.interop.hf import check_finite
+
 Params = dict[str, Any]
 KeyPath = tuple[str | int, ...]
 # One sharding for every leaf, a nested dict of shardings shaped like the params, or
@@ -125,7 +127,8 @@ def load_params(path: str | os.PathLike, *, sharding: ShardingSpec | None = None
   every leaf; a nested dict of shardings shaped like the params gives one per leaf; a callable
   `fn(key_path, jax.ShapeDtypeStruct) -> Sharding` picks one per leaf (key_path as in params,
   e.g. `("layers", 0, "attn", "q_proj", "kernel")`). The stored sharding is not reused, so a
-  checkpoint restores onto any device layout.
+  checkpoint restores onto any device layout. A leaf holding NaN or Inf is an `hf.CheckpointError`
+  (a ValueError) naming it.
   """
   path = pathlib.Path(path).absolute()
   if not path.is_dir():
@@ -137,4 +140,8 @@ def load_params(path: str | os.PathLike, *, sharding: ShardingSpec | None = None
     target = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
     restored = ckptr.restore(path, args=ocp.args.StandardRestore(_encode(target)))
-  return _decode(restored)
+  params = _decode(restored)
+  # Counted where the leaves live, so a sharded restore is not gathered onto one device.
+  check_finite({"/".join(str(k.key) for k in kp): x
+                for kp, x in jax.tree_util.tree_leaves_with_path(params)}, path)
+  return params
