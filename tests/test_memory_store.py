@@ -548,6 +548,51 @@ def test_compaction_is_crash_safe(tmp_path, monkeypatch):
   assert live_view(open_bank(path)) == live_view(before)
 
 
+# --- document texts -----------------------------------------------------------------------------
+
+
+def test_texts_and_titles_follow_their_documents_through_dynamic_memory(tmp_path):
+  path = tmp_path / "bank"
+  docs = batches(SPEC)
+  with BankWriter(path, SPEC) as w:
+    w.append(docs[0], texts=["alpha\nbeta", "γάμμα ✓", "delta"], titles=["a", None, "c"])
+    w.append(docs[1])  # no texts: this document has none
+    w.append(docs[2], [10, 11], texts=["x", None], titles=[None, "only a title"])
+  want = {0: store.DocText("alpha\nbeta", "a"), 1: store.DocText("γάμμα ✓", None),
+          2: store.DocText("delta", "c"), 10: store.DocText("x", None),
+          11: store.DocText(None, "only a title")}
+  assert store.read_texts(path) == want
+  store.delete_documents(path, [1])
+  store.replace_documents(path, make_docs(7, [2], SPEC), [2])  # replaced without a text
+  del want[1], want[2]
+  assert store.read_texts(path) == want
+  for max_shard_docs in (None, 2):
+    store.compact(path, max_shard_docs=max_shard_docs)
+    assert store.read_texts(path) == want
+    assert open_bank(path).doc_ids.tolist() == [0, 3, 10, 11, 2]
+
+
+def test_a_damaged_texts_file_is_named(tmp_path):
+  path = tmp_path / "bank"
+  with BankWriter(path, SPEC) as w:
+    w.append(batches(SPEC)[0], texts=["one", "two", "three"])
+  f = path / "shards" / "s000000" / "texts.jsonl"
+  f.write_bytes(f.read_bytes().replace(b"two", b"twx"))
+  with pytest.raises(BankError, match=r"s000000/texts\.jsonl: size or checksum differs"):
+    store.read_texts(path)
+  with pytest.raises(BankError, match=r"texts\.jsonl: size or checksum differs"):
+    store.compact(path, max_shard_docs=1)
+
+
+def test_texts_must_be_one_string_or_none_per_document(tmp_path):
+  with BankWriter(tmp_path / "bank", SPEC) as w:
+    with pytest.raises(BankError, match=r"texts/titles: 2/3 given for 3 documents"):
+      w.append(batches(SPEC)[0], texts=["a", "b"])
+    with pytest.raises(BankError, match=r"must be strings or None \(entry 1"):
+      w.append(batches(SPEC)[0], titles=["a", 5, "c"])
+    assert w.num_committed_docs == 0
+
+
 @pytest.mark.parametrize("max_shard_docs", [None, 2, 7])
 def test_compacting_a_compact_bank_changes_nothing(tmp_path, max_shard_docs):
   path = tmp_path / "bank"

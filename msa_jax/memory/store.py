@@ -18,6 +18,9 @@ A bank is a directory::
         keys_L{l}.npy          [c, K, H]  pooled keys (after k_norm and RoPE)   } for every
         values_L{l}.npy        [c, K, H]  pooled values                         } router layer l
         routing_keys_L{l}.npy  [c, K, H]  pooled routing keys                   } (spec order)
+        texts.jsonl        optional: per document (file order) {"text": str|null, "title":
+                           str|null}, one JSON object a line: the original text that Memory
+                           Interleave appends and that answers show
       s000001/ ...
     .lock                  advisory lock (flock) held by the one active writer; not bank data
     .tmp-*                 uncommitted work of a writer; ignored by readers, removed by writers
@@ -103,7 +106,7 @@ import pathlib
 import re
 import secrets
 import shutil
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -120,6 +123,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARDS = "shards"
 TEMPLATE = "template"
+TEXTS = "texts.jsonl"  # optional per shard: the documents' original text and titles
 _LOCK = ".lock"
 _TMP = ".tmp-"
 _MANIFEST_TMP = MANIFEST + ".tmp-"
@@ -151,6 +155,54 @@ class UnknownDocumentError(BankError, KeyError):
 
 class _MissingFile(BankError):
   pass
+
+
+@dataclasses.dataclass(frozen=True)
+class DocText:
+  """A document's original text and title, as a bank keeps them (either may be None)."""
+
+  text: str | None
+  title: str | None = None
+
+
+def _texts_blob(texts: Sequence[DocText]) -> bytes:
+  """texts.jsonl: one JSON object a document (JSON escapes newlines, so one line each)."""
+  return "".join(json.dumps({"text": t.text, "title": t.title}, ensure_ascii=False) + "\n"
+                 for t in texts).encode()
+
+
+def _parse_texts(raw: bytes, n: int, where: pathlib.Path) -> list[DocText]:
+  try:
+    lines = raw.decode().split("\n")
+  except UnicodeDecodeError as e:
+    raise BankError(f"{where}: not UTF-8 ({e})") from None
+  if lines[-1] != "" or len(lines) != n + 1:
+    raise BankError(f"{where}: expected {n} lines, one per document")
+  out = []
+  for i, line in enumerate(lines[:-1], 1):
+    try:
+      d = json.loads(line)
+    except ValueError:
+      d = None
+    if not (isinstance(d, dict) and set(d) == {"text", "title"}
+            and all(v is None or isinstance(v, str) for v in d.values())):
+      raise BankError(f"{where}:{i}: expected {{\"text\": str|null, \"title\": str|null}}")
+    out.append(DocText(d["text"], d["title"]))
+  return out
+
+
+def _check_texts(texts, titles, m: int) -> list[DocText] | None:
+  """The `texts`/`titles` arguments of an append as m DocTexts, or None when neither is given."""
+  if texts is None and titles is None:
+    return None
+  texts = [None] * m if texts is None else list(texts)
+  titles = [None] * m if titles is None else list(titles)
+  if len(texts) != m or len(titles) != m:
+    raise BankError(f"texts/titles: {len(texts)}/{len(titles)} given for {m} documents")
+  bad = [i for i, v in enumerate(texts + titles) if v is not None and not isinstance(v, str)]
+  if bad:
+    raise BankError(f"texts and titles must be strings or None (entry {bad[0] % m} is not)")
+  return [DocText(t, h) for t, h in zip(texts, titles)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,6 +330,14 @@ def _write_npy_file(path: pathlib.Path, dtype: np.dtype, shape: tuple[int, ...],
   return entry
 
 
+def _write_raw_file(path: pathlib.Path, data: bytes) -> dict[str, Any]:
+  with open(path, "xb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def _npy_entry(a: np.ndarray) -> dict[str, Any]:
   """The FILES entry that writing `a` (already in its on-disk dtype) would produce."""
   sink = _HashSink()
@@ -371,10 +431,12 @@ def _int(d: dict, key: str, path: pathlib.Path, where: str = "", minimum: int = 
   return v
 
 
-def _parse_files(d: dict, expected: list[str], path: pathlib.Path, where: str) -> dict:
+def _parse_files(d: dict, expected: list[str], path: pathlib.Path, where: str,
+                 optional: tuple[str, ...] = ()) -> dict:
   files = _get(d, "files", dict, path, where)
-  if sorted(files) != sorted(expected):
-    missing, extra = sorted(set(expected) - set(files)), sorted(set(files) - set(expected))
+  if sorted(set(files) - set(optional)) != sorted(expected):
+    missing = sorted(set(expected) - set(files))
+    extra = sorted(set(files) - set(expected) - set(optional))
     raise _malformed(path, f"{where}files: missing {missing}, unexpected {extra}")
   for name, entry in files.items():
     _int(entry, "bytes", path, f"{where}files[{name!r}].")
@@ -470,7 +532,7 @@ def _parse_manifest(raw: bytes, path: pathlib.Path) -> tuple[dict, BankSpec]:
     last_number = number
     _int(s, "num_docs", path, where, minimum=1)
     _int(s, "num_chunks", path, where, minimum=1)
-    _parse_files(s, _shard_files(spec), path, where)
+    _parse_files(s, _shard_files(spec), path, where, optional=(TEXTS,))
     if "generation" in s:  # the manifest generation that committed the shard (absent before)
       g = _int(s, "generation", path, where, minimum=1)
       if g < last_generation or g > m["generation"]:
@@ -743,10 +805,46 @@ def open_bank(path: PathLike, *, spec: BankSpec | None = None, verify: bool = Tr
     memory (a single shard's stay memory-mapped). Without mmap everything is read into memory.
   """
   path = pathlib.Path(path)
+  return _snapshot(path, lambda m, stored: _open_once(path, m, stored, spec, verify, mmap))
+
+
+def read_texts(path: PathLike) -> dict[int, DocText]:
+  """id -> the original text and title of every live document that has either stored (documents
+  appended without them are absent). The texts files are always checksum-verified."""
+  path = pathlib.Path(path)
+
+  def once(m: dict, stored: BankSpec) -> dict[int, DocText]:
+    ids, texts = [], []
+    for s in m["shards"]:
+      sdir, files, n = path / SHARDS / s["name"], s["files"], s["num_docs"]
+      ids.append(np.array(_load_npy(sdir / "doc_ids.npy", files["doc_ids.npy"], _INT, (n,),
+                                    verify=True, mmap=False)))
+      texts += _read_texts_file(sdir, files[TEXTS], n) if TEXTS in files else [None] * n
+    all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    live = _check_ids(m, all_ids, path / MANIFEST)
+    return {int(i): t for i, t, ok in zip(all_ids.tolist(), texts, live.tolist())
+            if ok and t is not None and (t.text, t.title) != (None, None)}
+
+  return _snapshot(path, once)
+
+
+def _read_texts_file(sdir: pathlib.Path, entry: dict, n: int) -> list[DocText]:
+  f = sdir / TEXTS
+  try:
+    raw = f.read_bytes()
+  except FileNotFoundError:
+    raise _MissingFile(f"{f}: missing file (listed in the manifest)") from None
+  if len(raw) != entry["bytes"] or hashlib.sha256(raw).hexdigest() != entry["sha256"]:
+    raise BankError(f"{f}: size or checksum differs from the manifest; the file is corrupt")
+  return _parse_texts(raw, n, f)
+
+
+def _snapshot(path: pathlib.Path, read: Callable[[dict, BankSpec], Any]):
+  """`read(manifest, spec)` on a consistent snapshot of the bank, however compactions interleave."""
   m, stored = read_manifest(path)
   for _ in range(_OPEN_ATTEMPTS):
     try:
-      return _open_once(path, m, stored, spec, verify, mmap)
+      return read(m, stored)
     except _MissingFile:
       # A compaction swapped the manifest and removed the shards of the one we were reading:
       # start over from the new manifest (a snapshot). Only a file missing under an unchanged
@@ -975,9 +1073,10 @@ class BankWriter:
     _publish_manifest(tmp, self.path / MANIFEST)
     self._manifest = m
 
-  def _write_dir(self, kind: str, files: dict[str, tuple[np.dtype, tuple, Any]],
+  def _write_dir(self, kind: str, files: dict[str, tuple[np.dtype, tuple, Any] | bytes],
                  target: pathlib.Path) -> dict[str, dict]:
-    """Writes {name: (dtype, shape, blocks)} into a temp dir, fsyncs, renames it to `target`."""
+    """Writes {name: (dtype, shape, blocks) for a .npy, or raw bytes} into a temp dir, fsyncs,
+    renames it to `target`."""
     if target.parent.name == SHARDS and any(s["name"] == target.name
                                             for s in self._manifest["shards"]):
       raise BankError(f"{target}: the manifest lists this shard; refusing to overwrite committed "
@@ -985,8 +1084,8 @@ class BankWriter:
     tmp = self.path / _tmp_name(kind)
     tmp.mkdir()
     try:
-      entries = {name: _write_npy_file(tmp / name, dt, shape, blocks)
-                 for name, (dt, shape, blocks) in files.items()}
+      entries = {name: (_write_raw_file(tmp / name, v) if isinstance(v, bytes)
+                        else _write_npy_file(tmp / name, *v)) for name, v in files.items()}
       _fsync_dir(tmp)
       target.parent.mkdir(exist_ok=True)
       _publish_dir(tmp, target)
@@ -1017,7 +1116,8 @@ class BankWriter:
 
   def _commit_shard(self, ids: np.ndarray, lengths: np.ndarray,
                     arrays: dict[str, tuple[tuple, Any]], tombstones: list[int],
-                    source: InputRecord | None = None) -> None:
+                    source: InputRecord | None = None,
+                    texts: list[DocText] | None = None) -> None:
     """Writes one shard (arrays: name -> (shape, blocks) in the disk dtype) and commits it
     (with `source`'s record, when given, advanced past these documents in the same write)."""
     disk = _dtypes(self.spec)[1]
@@ -1025,6 +1125,8 @@ class BankWriter:
     files = {"doc_ids.npy": (_INT, ids.shape, [ids.astype(_INT)]),
              "lengths.npy": (_INT, lengths.shape, [lengths.astype(_INT)])}
     files.update({n: (disk, shape, blocks) for n, (shape, blocks) in arrays.items()})
+    if texts is not None:
+      files[TEXTS] = _texts_blob(texts)
     name = self._next_shard_name()
     entries = self._write_dir(f"shard-{name}", files, self.path / SHARDS / name)
     m = dict(self._manifest)
@@ -1081,7 +1183,8 @@ class BankWriter:
       raise BankError(f"first_id={first_id} is below the bank's next_doc_id {self.next_doc_id}")
     return InputRecord(sha256=sha256, num_docs=num_docs, first_id=first_id)
 
-  def append_input(self, enc: EncodedDocs, record: InputRecord) -> InputRecord:
+  def append_input(self, enc: EncodedDocs, record: InputRecord, *, texts=None,
+                   titles=None) -> InputRecord:
     """Appends the input's next `len(enc.lengths)` documents (ids `first_id + committed + i`) and
     advances its record in the same commit; returns the advanced record."""
     self._check_open()
@@ -1099,32 +1202,37 @@ class BankWriter:
     if clash.size:
       raise BankError(f"{self.path}: ids {clash[:10].tolist()} of this input are already taken "
                       "by other documents; the input cannot be resumed here")
+    docs = _check_texts(texts, titles, lengths.size)
     if lengths.size:
       self._append(enc, lengths, ids,
-                   sorted(set(self._manifest["tombstones"]) - set(ids.tolist())), record)
+                   sorted(set(self._manifest["tombstones"]) - set(ids.tolist())), record, docs)
     return dataclasses.replace(record, committed=record.committed + int(lengths.size))
 
   # --- public operations ---
 
-  def append(self, enc: EncodedDocs, doc_ids=None) -> np.ndarray:
+  def append(self, enc: EncodedDocs, doc_ids=None, *, texts=None, titles=None) -> np.ndarray:
     """Stores `enc` as one new shard, without touching other documents; returns their ids.
 
     doc_ids: None assigns `next_doc_id, next_doc_id + 1, ...`; explicit ids must not be live
     (use `replace`); an id deleted before is allowed and becomes live again.
+    texts, titles: optional, one string (or None) per document: kept with the shard
+    (`read_texts`), for Memory Interleave and for showing what a question retrieved.
     """
     self._check_open()
     lengths, _ = _check_encoded(enc, self.spec)
     ids = self._resolve_ids(doc_ids, lengths.size)
+    docs = _check_texts(texts, titles, lengths.size)
     if not ids.size:
       return ids
     clash = np.intersect1d(ids, self.live_doc_ids)
     if clash.size:
       raise BankError(f"document ids {clash.tolist()} are already live in the bank (use "
                       "replace to change a document)")
-    self._append(enc, lengths, ids, sorted(set(self._manifest["tombstones"]) - set(ids.tolist())))
+    self._append(enc, lengths, ids, sorted(set(self._manifest["tombstones"]) - set(ids.tolist())),
+                 texts=docs)
     return ids
 
-  def replace(self, enc: EncodedDocs, doc_ids) -> np.ndarray:
+  def replace(self, enc: EncodedDocs, doc_ids, *, texts=None, titles=None) -> np.ndarray:
     """Replaces live documents by new encodings under the same ids (the old rows die, the new
     ones are appended: a replaced document moves to the end of the bank order)."""
     self._check_open()
@@ -1132,19 +1240,21 @@ class BankWriter:
     if doc_ids is None:
       raise BankError("replace needs the ids of the documents to replace")
     ids = self._resolve_ids(doc_ids, lengths.size)
+    docs = _check_texts(texts, titles, lengths.size)
     self._require_live(ids)
     if ids.size:
-      self._append(enc, lengths, ids, list(self._manifest["tombstones"]))
+      self._append(enc, lengths, ids, list(self._manifest["tombstones"]), texts=docs)
     return ids
 
   def _append(self, enc: EncodedDocs, lengths: np.ndarray, ids: np.ndarray,
-              tombstones: list[int], source: InputRecord | None = None) -> None:
+              tombstones: list[int], source: InputRecord | None = None,
+              texts: list[DocText] | None = None) -> None:
     arrays = {}
     for l in self.spec.router_layers:
       for kind in ("keys", "values", "routing_keys"):
         a = _to_disk(getattr(enc, kind)[l], self.spec, f"EncodedDocs.{kind}[{l}]")
         arrays[f"{kind}_L{l}.npy"] = (a.shape, _row_blocks(a))
-    self._commit_shard(ids, lengths, arrays, tombstones, source)
+    self._commit_shard(ids, lengths, arrays, tombstones, source, texts)
 
   def _require_live(self, ids: np.ndarray) -> None:
     missing = np.setdiff1d(ids, self.live_doc_ids)
@@ -1193,7 +1303,8 @@ class BankWriter:
       lengths = np.array(ld("lengths.npy", _INT, (s["num_docs"],)))
       counts = _chunk_counts(lengths, self.spec.pooling_size)
       arr = {n: ld(n, disk, (s["num_chunks"],) + kh) for n in _shard_files(self.spec)[2:]}
-      src.append((lengths, np.concatenate([[0], np.cumsum(counts)]), arr))
+      texts = (_read_texts_file(sdir, files[TEXTS], s["num_docs"]) if TEXTS in files else None)
+      src.append((lengths, np.concatenate([[0], np.cumsum(counts)]), arr, texts))
     rows = [(i, r) for i, ids in enumerate(self._shard_ids) for r in range(ids.size)]
     live_rows = [rows[g] for g in np.flatnonzero(live)]
     step = max_shard_docs or max(1, len(live_rows))
@@ -1213,6 +1324,9 @@ class BankWriter:
         files = {"doc_ids.npy": (_INT, ids.shape, [ids]),
                  "lengths.npy": (_INT, lengths.shape, [lengths])}
         files.update({n: (disk, shape, blocks) for n, (shape, blocks) in arrays.items()})
+        if any(src[i][3] is not None for i, _ in group):
+          files[TEXTS] = _texts_blob([src[i][3][r] if src[i][3] is not None else DocText(None)
+                                      for i, r in group])
         entries = self._write_dir(f"compact-{name}", files, self.path / SHARDS / name)
         new_shards.append({"name": name, "num_docs": int(ids.size), "num_chunks": c,
                            "files": entries, "generation": generation})
