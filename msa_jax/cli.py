@@ -35,6 +35,80 @@ def _write_npz_atomic(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None
       os.remove(tmp)
 
 
+class InputError(ValueError):
+  """A bad command-line input (file or value), reported with status 2."""
+
+
+def _check_output(path: str) -> pathlib.Path:
+  """--output as a path, refused up front (before any compute) when it cannot be written: it is
+  a directory, or its nearest existing ancestor is not a writable directory."""
+  p = pathlib.Path(path)
+  if p.is_dir():
+    raise InputError(f"--output {path} is a directory")
+  parent = p.parent
+  while not parent.exists():  # missing directories are created when writing
+    parent = parent.parent
+  if not parent.is_dir():
+    raise InputError(f"--output {path}: {parent} is not a directory")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise InputError(f"--output {path}: {parent} is not writable")
+  return p
+
+
+def _load_npz(path, what: str) -> dict[str, np.ndarray]:
+  """Every array of an `.npz` file; InputError naming the file when it is not a readable one."""
+  import zipfile
+  import zlib
+  try:
+    f = np.load(path, allow_pickle=False)
+    if isinstance(f, np.lib.npyio.NpzFile):
+      with f:
+        return dict(f)
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    raise InputError(f"cannot read {what} {path}: {e or type(e).__name__}") from None
+  raise InputError(f"cannot read {what} {path}: not an .npz archive (np.savez writes one)")
+
+
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+  return value
+
+
+def _seed(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if not -2 ** 63 <= value < 2 ** 63:
+    raise argparse.ArgumentTypeError(f"{value} does not fit in 64 bits")
+  return value
+
+
+def _temperature(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+  if not (np.isfinite(value) and value >= 0):  # nan would silently sample token 0
+    raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0 (0 = greedy)")
+  return value
+
+
+def _top_p(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+  if not 0 < value <= 1:  # false for nan
+    raise argparse.ArgumentTypeError(f"{text} must be in (0, 1]")
+  return value
+
+
 def forward_outputs(checkpoint: str, batch_arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """The arrays `msa-jax forward` writes, as numpy (names exactly as in SPEC §13)."""
   from msa_jax import forward as fw  # deferred: keeps `--help` fast
@@ -43,7 +117,7 @@ def forward_outputs(checkpoint: str, batch_arrays: dict[str, np.ndarray]) -> dic
 
   cfg, params = hf.load_checkpoint(checkpoint)
   params = _to_float32(params)
-  batch = fw.Batch.from_arrays(batch_arrays)
+  batch = fw.Batch.from_arrays(batch_arrays, vocab_size=cfg.vocab_size)
   out = fw.run(from_params(cfg, params), batch)
   arrays = {"logits": np.asarray(out.logits, np.float32)}
   for l in sorted(out.doc_scores):
@@ -72,6 +146,8 @@ def compare(ours: dict[str, np.ndarray], reference: dict[str, np.ndarray],
       rows.append((name, f"shape {a.shape} vs {b.shape}"))
     elif name.startswith("selected_docs"):
       rows.append((name, "identical" if np.array_equal(a, b) else f"differ: {a.tolist()} vs {b.tolist()}"))
+    elif not np.issubdtype(b.dtype, np.number):
+      rows.append((name, f"reference dtype {b.dtype} is not numeric"))
     else:
       if name == "logits":
         a, b = a[valid], b[valid]
@@ -87,18 +163,15 @@ def _cmd_forward(args) -> int:
   from msa_jax.forward import BatchError
   from msa_jax.interop.hf import CheckpointError
 
-  try:
-    with np.load(args.batch) as f:
-      batch_arrays = dict(f)
-  except (OSError, ValueError) as e:
-    print(f"error: cannot read batch {args.batch}: {e}", file=sys.stderr)
-    return 2
-  try:
+  try:  # every input is checked before the model is loaded
+    output = _check_output(args.output)
+    batch_arrays = _load_npz(args.batch, "batch")
+    reference = _load_npz(args.reference, "--reference") if args.reference else None
     arrays = forward_outputs(args.checkpoint, batch_arrays)
-  except (ConfigError, CheckpointError, BatchError) as e:
+  except (ConfigError, CheckpointError, BatchError, InputError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  _write_npz_atomic(pathlib.Path(args.output), arrays)
+  _write_npz_atomic(output, arrays)
   b, t, v = arrays["logits"].shape
   print(f"wrote {args.output}: logits [{b}, {t}, {v}]")
   for name in sorted(arrays):
@@ -106,9 +179,7 @@ def _cmd_forward(args) -> int:
       print(f"  {name}: {arrays[name].tolist()}")
     elif arrays[name].ndim == 0:
       print(f"  {name}: {float(arrays[name]):.6f}")
-  if args.reference:
-    with np.load(args.reference) as f:
-      reference = dict(f)
+  if reference is not None:
     valid = batch_arrays["attention_mask"].astype(bool)
     print(f"against {args.reference}:")
     for name, verdict in compare(arrays, reference, valid):
@@ -125,31 +196,43 @@ def _load_model(checkpoint: str):
 
 def _read_documents(path: str, tokenizer: str | None, vocab_size: int):
   """(tokens [M, Lmax] -1 padded, lengths [M], template or None) from .npz or JSONL text."""
+  from msa_jax.engine import encode
   p = pathlib.Path(path)
   if p.suffix == ".npz":
-    with np.load(p, allow_pickle=False) as f:
-      if "tokens" not in f.files or "lengths" not in f.files:
-        raise ValueError(f"{p} must hold tokens [M, Lmax] and lengths [M] (optional template [t])")
-      return f["tokens"], f["lengths"], (f["template"] if "template" in f.files else None)
+    f = _load_npz(p, "documents")
+    if "tokens" not in f or "lengths" not in f:
+      raise ValueError(f"{p} must hold tokens [M, Lmax] and lengths [M] (optional template [t])")
+    encode.check_documents(f["tokens"], f["lengths"], vocab_size)
+    return f["tokens"], f["lengths"], f.get("template")
   if p.suffix != ".jsonl":
     raise ValueError(f"{p}: documents are .npz token arrays or .jsonl text")
   if tokenizer is None:
     raise ValueError("JSONL documents need --tokenizer (a tokenizer.json file)")
   import json
   from tokenizers import Tokenizer
-  tok = Tokenizer.from_file(tokenizer)
+  try:
+    tok = Tokenizer.from_file(tokenizer)
+  except Exception as e:  # the tokenizers library raises a bare Exception
+    raise ValueError(f"cannot read --tokenizer {tokenizer}: {e}") from None
+  try:
+    lines = p.read_text(encoding="utf-8").splitlines()
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{p} is not UTF-8 text: {e}") from None
   texts = []
-  for n, line in enumerate(p.read_text().splitlines(), 1):
+  for n, line in enumerate(lines, 1):
     if line.strip():
       try:
         texts.append(json.loads(line)["text"])
+        if not isinstance(texts[-1], str):
+          raise TypeError
       except (json.JSONDecodeError, KeyError, TypeError):
-        raise ValueError(f"{p}:{n}: expected a JSON object with a \"text\" field") from None
+        raise ValueError(f"{p}:{n}: expected a JSON object with a string \"text\" field") from None
   ids = [e.ids for e in tok.encode_batch(texts)]
   lengths = np.array([len(i) for i in ids], np.int64)
   tokens = np.full((len(ids), max(1, lengths.max(initial=0))), -1, np.int64)
   for r, i in enumerate(ids):
     tokens[r, :len(i)] = i
+  encode.check_documents(tokens, lengths, vocab_size)  # a tokenizer of a larger vocabulary
   return tokens, lengths, None
 
 
@@ -188,17 +271,22 @@ def _cmd_generate(args) -> int:
   from msa_jax.memory.bank import BankSpec
   from msa_jax.memory.store import BankError, open_bank, read_manifest
 
-  try:
+  try:  # files are checked before the model is loaded
+    output = _check_output(args.output)
+    batch = _load_npz(args.batch, "batch")
     model = _load_model(args.checkpoint)
+    vocab = model.cfg.vocab_size
+    for t in args.stop_token:
+      if not 0 <= t < vocab:
+        raise InputError(f"--stop-token {t} is outside the vocabulary [0, {vocab})")
     _, stored = read_manifest(args.bank)
     bank = open_bank(args.bank, spec=BankSpec.for_model(model.cfg, stored.dtype))
-    with np.load(args.batch, allow_pickle=False) as f:
-      request = prefill.Request.from_arrays(dict(f))
+    request = prefill.Request.from_arrays(batch, vocab_size=vocab)
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p)
+    runner = BankRunner(model, bank, content=ContentPath(args.content) if args.content else None)
   except (ValueError, BankError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  runner = BankRunner(model, bank, content=ContentPath(args.content) if args.content else None)
   gen = runner.generate(request, args.max_new_tokens, sampling=sampling,
                         stop_tokens=tuple(args.stop_token), key=jax.random.key(args.seed))
   arrays = {"stage2_logits": np.asarray(gen.prefill.logits, np.float32),
@@ -207,7 +295,7 @@ def _cmd_generate(args) -> int:
   for l, routed in sorted(gen.prefill.routed.items()):
     arrays[f"selected_docs_L{l}"] = np.asarray(routed.doc_ids, np.int64)
     print(f"  selected_docs_L{l}: {arrays[f'selected_docs_L{l}'].tolist()}")
-  _write_npz_atomic(pathlib.Path(args.output), arrays)
+  _write_npz_atomic(output, arrays)
   print(f"wrote {args.output}: decode_tokens {arrays['decode_tokens'].tolist()}")
   return 0
 
@@ -233,17 +321,18 @@ def main(argv: list[str] | None = None) -> int:
   enc.add_argument("--append", action="store_true",
                    help="add these documents to an existing bank under new ids (resumable too)")
   enc.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-  enc.add_argument("--shard-docs", type=int, default=1024, help="documents per committed shard")
+  enc.add_argument("--shard-docs", type=_positive_int, default=1024,
+                   help="documents per committed shard")
   enc.set_defaults(run=_cmd_encode)
   gen = sub.add_parser("generate", help="stages 2-3: route, prefill and decode requests")
   gen.add_argument("--checkpoint", required=True)
   gen.add_argument("--bank", required=True)
   gen.add_argument("--batch", required=True, help="request .npz in the SPEC §13 format")
-  gen.add_argument("--max-new-tokens", type=int, required=True)
+  gen.add_argument("--max-new-tokens", type=_positive_int, required=True)
   gen.add_argument("--output", required=True)
-  gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-  gen.add_argument("--top-p", type=float, default=1.0)
-  gen.add_argument("--seed", type=int, default=0)
+  gen.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy")
+  gen.add_argument("--top-p", type=_top_p, default=1.0, help="in (0, 1]")
+  gen.add_argument("--seed", type=_seed, default=0)
   gen.add_argument("--stop-token", type=int, action="append", default=[])
   gen.add_argument("--content", choices=("device", "callback", "paged"),
                    help="how selected K/V reach the device (default: per backend)")

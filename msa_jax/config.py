@@ -161,6 +161,11 @@ _HF_FIELDS = {
     "max_position_embeddings": "max_position_embeddings",
 }
 
+# The type of each of those ModelConfig fields.
+_HF_TYPES = {f: int for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                              "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings")}
+_HF_TYPES |= {"rms_norm_eps": float, "rope_theta": float, "tie_word_embeddings": bool}
+
 # Keys HF writes that do not change the math here (bookkeeping, generation or training-only knobs).
 _HF_IGNORED = frozenset({
     "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "use_cache",
@@ -207,11 +212,41 @@ def _rope_theta_from_parameters(d: Mapping[str, Any]) -> float | None:
                       "supported (expected 'default')")
   if "rope_theta" not in rp:
     raise ConfigError("config.json rope_parameters lacks rope_theta")
-  theta = float(rp["rope_theta"])
-  if "rope_theta" in d and float(d["rope_theta"]) != theta:
+  theta = _typed("config.json rope_parameters.rope_theta", rp["rope_theta"], float)
+  top = d.get("rope_theta")
+  if top is not None and _typed("config.json rope_theta", top, float) != theta:
     raise ConfigError(f"config.json rope_theta={d['rope_theta']!r} contradicts "
                       f"rope_parameters.rope_theta={rp['rope_theta']!r}")
   return theta
+
+
+def _typed(where: str, value: Any, kind: type) -> Any:
+  """`value` of config field `where` as an int, a finite float or a bool, else ConfigError.
+
+  Numeric strings and integral floats are accepted (the official msa_config is loosely typed);
+  a bool is not a number, and a bool field takes only true / false (bool("false") is True).
+  """
+  if kind is bool:
+    if isinstance(value, bool):
+      return value
+    raise ConfigError(f"{where}={value!r}: expected true or false")
+  what = "an integer" if kind is int else "a number"
+  expected = ConfigError(f"{where}={value!r}: expected {what}")
+  if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+    raise expected
+  if kind is int and isinstance(value, int):
+    return value
+  try:
+    x = float(value)  # "4", "4.0", 4.0, "1e-6"
+  except ValueError:
+    raise expected from None
+  if kind is int:
+    if x.is_integer():  # false for inf and nan
+      return int(x)
+    raise expected
+  if not math.isfinite(x):
+    raise ConfigError(f"{where}={value!r}: expected a finite number")
+  return x
 
 
 def _parse_router_layers(value: Any, num_layers: int) -> tuple[int, ...]:
@@ -222,8 +257,9 @@ def _parse_router_layers(value: Any, num_layers: int) -> tuple[int, ...]:
       layers = tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
       raise ConfigError(f"msa_config.router_layer_idx={value!r}: expected 'all' or '2,3,...'") from None
-  elif isinstance(value, (list, tuple)):
-    layers = tuple(int(v) for v in value)
+  elif isinstance(value, (list, tuple)) and all(
+      isinstance(v, int) and not isinstance(v, bool) for v in value):
+    layers = tuple(value)
   else:
     raise ConfigError(f"msa_config.router_layer_idx={value!r}: expected 'all' or '2,3,...'")
   if len(set(layers)) != len(layers):
@@ -247,6 +283,8 @@ def _routing_score(method: str, decouple: bool) -> RoutingScore:
 
 
 def msa_config_from_hf(msa: Mapping[str, Any], num_layers: int) -> MSAConfig:
+  if not isinstance(msa, Mapping):
+    raise ConfigError(f"msa_config={msa!r}: expected an object")
   unknown = sorted(set(msa) - _MSA_KEYS)
   if unknown:
     raise ConfigError(f"unknown msa_config keys {unknown}; known keys are {sorted(_MSA_KEYS)}")
@@ -261,23 +299,27 @@ def msa_config_from_hf(msa: Mapping[str, Any], num_layers: int) -> MSAConfig:
     raise ConfigError(
         "msa_config.rewrite_position=false is not supported: msa-jax always uses the supplied "
         "position_ids (pass arange(T) to get the official rewrite_position=false behaviour)")
-  decouple = bool(msa.get("decouple_router", True))
-  method = msa.get("aux_loss_method", "INFONCE")
   defaults = MSAConfig()
+
+  def get(key: str, kind: type, default):
+    return _typed(f"msa_config.{key}", msa.get(key, default), kind)
+
+  decouple = get("decouple_router", bool, True)
+  method = msa.get("aux_loss_method", "INFONCE")
   return MSAConfig(
-      top_k_docs=int(msa.get("top_k_docs", defaults.top_k_docs)),
-      pooling_size=int(msa.get("pooling_kernel_size", defaults.pooling_size)),
+      top_k_docs=get("top_k_docs", int, defaults.top_k_docs),
+      pooling_size=get("pooling_kernel_size", int, defaults.pooling_size),
       router_layers=_parse_router_layers(msa.get("router_layer_idx", "all"), num_layers),
       decouple_router=decouple,
       head_reduce=_enum(HeadReduce, "head_reduce_method", msa.get("head_reduce_method", "mean")),
       query_reduce=_enum(QueryReduce, "query_reduce_method", msa.get("query_reduce_method", "max")),
       chunk_reduce=_enum(ChunkReduce, "chunk_reduce_method", msa.get("chunk_reduce_method", "max")),
       routing_score=_routing_score(method, decouple),
-      aux_temperature=float(msa.get("infonce_loss_temp", defaults.aux_temperature)),
-      lm_weight=float(msa.get("lmloss_weigth", defaults.lm_weight)),
-      aux_weight=float(msa.get("auxloss_weight", defaults.aux_weight)),
-      reconstruction_weight=float(msa.get("recloss_weight", defaults.reconstruction_weight)),
-      answer_weight=float(msa.get("ansloss_weight", defaults.answer_weight)),
+      aux_temperature=get("infonce_loss_temp", float, defaults.aux_temperature),
+      lm_weight=get("lmloss_weigth", float, defaults.lm_weight),
+      aux_weight=get("auxloss_weight", float, defaults.aux_weight),
+      reconstruction_weight=get("recloss_weight", float, defaults.reconstruction_weight),
+      answer_weight=get("ansloss_weight", float, defaults.answer_weight),
       aux_loss_method=method,
   )
 
@@ -303,25 +345,24 @@ def from_hf_dict(d: Mapping[str, Any], *, msa: MSAConfig | None = None) -> Model
     raise ConfigError(f"config.json layer_types={d['layer_types']!r}: only full attention layers "
                       "are supported")
   rope_theta = _rope_theta_from_parameters(d)
-  missing = [k for k in _HF_FIELDS if k not in d and k not in ("head_dim", "tie_word_embeddings",
-                                                             "max_position_embeddings")
+  # A null value counts as absent (a null head_dim is derived like a missing one).
+  missing = [k for k in _HF_FIELDS if d.get(k) is None
+             and k not in ("head_dim", "tie_word_embeddings", "max_position_embeddings")
              and not (k == "rope_theta" and rope_theta is not None)]
   if missing:
     raise ConfigError(f"config.json lacks required keys {missing}")
-  kw = {ours: d[theirs] for theirs, ours in _HF_FIELDS.items() if theirs in d}
+  kw = {ours: _typed(f"config.json {theirs}", d[theirs], _HF_TYPES[ours])
+        for theirs, ours in _HF_FIELDS.items() if d.get(theirs) is not None}
   if rope_theta is not None:
     kw["rope_theta"] = rope_theta
-  kw.setdefault("head_dim", d["hidden_size"] // d["num_attention_heads"])
+  kw.setdefault("head_dim", kw["hidden_size"] // max(kw["num_heads"], 1))
   kw.setdefault("tie_word_embeddings", False)
-  for k in ("rms_norm_eps", "rope_theta"):
-    kw[k] = float(kw[k]) if k in kw else kw.get(k)
-  kw = {k: v for k, v in kw.items() if v is not None}
   if model_type == "msa":
     if "msa_config" not in d:
       raise ConfigError("model_type 'msa' requires an msa_config")
     if msa is not None:
       raise ConfigError("an MSA config.json already carries msa_config; do not pass msa= as well")
-    msa = msa_config_from_hf(d["msa_config"], d["num_hidden_layers"])
+    msa = msa_config_from_hf(d["msa_config"], kw["num_layers"])
   else:
     if "msa_config" in d:
       raise ConfigError("model_type 'qwen3' with an msa_config is contradictory; use 'msa'")

@@ -52,8 +52,12 @@ class Batch:
   train_qa_samples: jax.Array | None = None
 
   @classmethod
-  def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "Batch":
-    """Validates numpy arrays (e.g. an `.npz`) and builds a batch. Raises `BatchError`."""
+  def from_arrays(cls, arrays: Mapping[str, np.ndarray], vocab_size: int | None = None
+                  ) -> "Batch":
+    """Validates numpy arrays (e.g. an `.npz`) and builds a batch. Raises `BatchError`.
+
+    Token ids must lie in [0, vocab_size) and labels be -100 or in it (only signs are checked
+    without a vocab_size); positions >= 0 on valid tokens. Padding may hold any id."""
     a = {_ALIASES.get(k, k): np.asarray(v) for k, v in arrays.items()
          if _ALIASES.get(k, k) in _REQUIRED + _OPTIONAL}
     missing = [k for k in _REQUIRED if k not in a]
@@ -74,7 +78,24 @@ class Batch:
       raise BatchError("answer_labels and train_qa_samples come together")
     if "train_qa_samples" in a and a["train_qa_samples"].shape != shape[:1]:
       raise BatchError(f"train_qa_samples must be [B], got {a['train_qa_samples'].shape}")
-    _check_documents(a["doc_ids"], a["attention_mask"].astype(bool))
+    valid = a["attention_mask"].astype(bool)
+    _check_documents(a["doc_ids"], valid)
+    # The model embeds padding too (a pad id outside the vocabulary is NaN and reaches valid
+    # tokens through attention), so padding becomes token 0.
+    a["input_ids"] = np.where(valid, a["input_ids"], 0)
+    error = roles.token_range_error(a["input_ids"], a["position_ids"], valid, vocab_size)
+    if error:
+      raise BatchError(error)
+    high = np.iinfo(np.int64).max if vocab_size is None else vocab_size
+    vocab = "the vocabulary" + (f" [0, {vocab_size})" if vocab_size is not None else "")
+    for k in ("labels", "answer_labels"):
+      if k not in a:
+        continue
+      bad = (a[k] != losses.IGNORE_INDEX) & ((a[k] < 0) | (a[k] >= high))
+      if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise BatchError(f"{k}[{r}, {c}] = {a[k][r, c]} is neither {losses.IGNORE_INDEX} "
+                         f"(ignored) nor in {vocab}")
     return cls(**{k: jnp.asarray(v.astype(np.int32)) for k, v in a.items()})
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import time
 from typing import Callable, Iterator
 
@@ -188,10 +189,21 @@ def encode_documents(model: MSAForCausalLM, tokens: np.ndarray, lengths: np.ndar
 
 
 def encode_template(model: MSAForCausalLM, tokens: np.ndarray, dtype=np.float32) -> Template:
-  """The template prefix's K/V for every layer (positions 0..t-1)."""
+  """The template prefix's K/V for every layer (positions 0..t-1).
+
+  Raises `EncodeError` for tokens that are not integer ids in the model's vocabulary, before
+  any compute (an id outside it would embed as NaN K/V and poison every later request).
+  """
   tokens = np.asarray(tokens)
   if tokens.ndim != 1 or tokens.size < 1:
     raise EncodeError(f"a template is a non-empty 1-D token array, got shape {tokens.shape}")
+  if not np.issubdtype(tokens.dtype, np.integer):
+    raise EncodeError(f"template tokens must be integers, got dtype {tokens.dtype}")
+  vocab = model.cfg.vocab_size
+  bad = np.flatnonzero((tokens < 0) | (tokens >= vocab))
+  if bad.size:
+    raise EncodeError(f"template[{bad[0]}] = {tokens[bad[0]]} is outside the vocabulary "
+                      f"[0, {vocab})")
   graphdef, state = nnx.split(model)
   kv = jax.device_get(_encode_template(graphdef, state, tokens.astype(np.int32)))
   return Template(tokens=tokens.astype(np.int64),
@@ -219,14 +231,18 @@ class Progress:
           f"{rate:,.0f} tokens/s, ETA {eta:,.0f} s", file=self.out, flush=True)
 
 
-def fingerprint(tokens: np.ndarray, lengths: np.ndarray) -> str:
+def fingerprint(tokens: np.ndarray, lengths: np.ndarray, texts=None, titles=None) -> str:
   """sha256 of documents (tokens [M, Lmax] padded with anything, lengths [M]): of the lengths
-  then every document's tokens, as little-endian int64, in order. Padding does not count."""
+  then every document's tokens, as little-endian int64, in order (padding does not count); then,
+  when given, the JSON list of texts and of titles."""
   tokens, lengths = np.asarray(tokens), np.asarray(lengths)
   sha = hashlib.sha256(b"msa-jax documents v1\0")
   sha.update(np.ascontiguousarray(lengths, "<i8").tobytes())
   valid = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
   sha.update(np.ascontiguousarray(tokens[valid], "<i8").tobytes())
+  for extra in (texts, titles):
+    if extra is not None:
+      sha.update(b"\0" + json.dumps(list(extra), ensure_ascii=False).encode())
   return sha.hexdigest()
 
 
@@ -243,6 +259,7 @@ class Encoded:
 def encode_to_bank(model: MSAForCausalLM, tokens: np.ndarray, lengths: np.ndarray, path, *,
                    template: np.ndarray | None = None, dtype: str = "float32",
                    shard_docs: int = 1024, batch_tokens: int = 8192, append: bool = False,
+                   texts=None, titles=None,
                    progress: Callable[[int, int], None] | None = None) -> Encoded:
   """Encodes documents into the on-disk bank at `path`, one committed shard per `shard_docs`.
 
@@ -252,6 +269,8 @@ def encode_to_bank(model: MSAForCausalLM, tokens: np.ndarray, lengths: np.ndarra
   nothing (documents deleted since stay deleted). Document i gets id `first_id + i`: 0 in a new
   bank. A bank that holds other documents is refused unless `append`, which adds these documents
   under new ids (from the bank's `next_doc_id`; an append is resumable the same way).
+  texts, titles: optional, one string per document, stored beside its K/V (`store.read_texts`);
+  they are part of the input's fingerprint.
   """
   import ml_dtypes
 
@@ -267,7 +286,10 @@ def encode_to_bank(model: MSAForCausalLM, tokens: np.ndarray, lengths: np.ndarra
   np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[dtype]
   spec = BankSpec.for_model(model.cfg, dtype)
   tpl = None if template is None else encode_template(model, template, np_dtype)
-  sha = fingerprint(tokens, lengths)
+  for name, v in (("texts", texts), ("titles", titles)):
+    if v is not None and len(v) != len(lengths):
+      raise EncodeError(f"{name}: {len(v)} given for {len(lengths)} documents")
+  sha = fingerprint(tokens, lengths, texts, titles)
   with BankWriter(path, spec, template=tpl) as writer:
     record = writer.input_record(sha)
     if record is None:
@@ -285,7 +307,9 @@ def encode_to_bank(model: MSAForCausalLM, tokens: np.ndarray, lengths: np.ndarra
       done = (lambda d, t, s=s: progress(s + d, base_tokens + t)) if progress else None
       enc = encode_documents(model, tokens[s:e], lengths[s:e], dtype=np_dtype,
                              batch_tokens=batch_tokens, progress=done)
-      record = writer.append_input(enc, record)
+      record = writer.append_input(enc, record,
+                                   texts=None if texts is None else texts[s:e],
+                                   titles=None if titles is None else titles[s:e])
       base_tokens += int(lengths[s:e].sum())
     return Encoded(first_id=record.first_id, num_docs=record.num_docs, resumed_from=start,
                    bank_docs=writer.num_live_docs)

@@ -37,7 +37,10 @@ class Request:
   position_ids: jax.Array
 
   @classmethod
-  def from_arrays(cls, arrays) -> "Request":
+  def from_arrays(cls, arrays, vocab_size: int | None = None) -> "Request":
+    """Validates numpy arrays (e.g. an `.npz`). Token ids must lie in [0, vocab_size) (only the
+    sign is checked without it) and positions be >= 0 on valid tokens; padding (attention_mask
+    0) may hold anything. Raises `RequestError`."""
     names = ("input_ids", "doc_ids", "attention_mask", "position_ids")
     missing = [n for n in names if n not in arrays]
     if missing:
@@ -57,7 +60,21 @@ class Request:
       raise RequestError("request doc_ids must be roles 0, -1 or -2 (documents live in the bank)")
     if not valid.any(axis=1).all():
       raise RequestError(f"rows {np.flatnonzero(~valid.any(1)).tolist()} have no valid token")
+    # The model embeds padding too: a pad id outside the vocabulary would be NaN and reach the
+    # valid tokens through attention (0 · NaN), so padding becomes token 0.
+    a["input_ids"] = np.where(valid, a["input_ids"], 0)
+    error = roles.token_range_error(a["input_ids"], a["position_ids"], valid, vocab_size)
+    if error:
+      raise RequestError(error)
     return cls(**{n: jnp.asarray(v.astype(np.int32)) for n, v in a.items()})
+
+  def check(self, vocab_size: int) -> None:
+    """Raises `RequestError` unless every token id is in [0, vocab_size) and valid positions are
+    >= 0 (a request built without `from_arrays` is checked here)."""
+    ids, pos, mask = jax.device_get((self.input_ids, self.position_ids, self.attention_mask))
+    error = roles.token_range_error(ids, pos, mask, vocab_size)
+    if error:
+      raise RequestError(error)
 
 
 @struct.dataclass

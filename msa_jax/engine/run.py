@@ -20,6 +20,7 @@ from msa_jax.engine.sampling import Sampling
 from msa_jax.memory.bank import MemoryBank
 from msa_jax.memory.index import DeviceContent, HostContent, RoutingIndex
 from msa_jax.memory.paging import PageCache
+from msa_jax.memory.store import BankError
 from msa_jax.nn.model import MSAForCausalLM
 
 
@@ -48,7 +49,15 @@ class BankRunner:
   def __init__(self, model: MSAForCausalLM, bank: MemoryBank, *,
                content: ContentPath | None = None, page_slots: int = 256, mesh=None):
     """mesh: a `msa_jax.parallel.make_memory_mesh()` mesh to shard the routing index (and DEVICE
-    content) over its devices, with the weights replicated (Memory Parallel); None: one device."""
+    content) over its devices, with the weights replicated (Memory Parallel); None: one device.
+
+    Raises `BankError` when the bank has no live document: such a bank is a valid stored state
+    (documents may be added later) but there is nothing to route to."""
+    if not bank.live.any():
+      state = ("it is empty" if bank.num_docs == 0
+               else f"all {bank.num_docs} stored documents are deleted")
+      raise BankError(f"the bank has no live documents ({state}): add documents before routing "
+                      "or generating")
     if mesh is not None:
       from msa_jax import parallel
       model = parallel.replicate_model(model, mesh)
@@ -74,7 +83,9 @@ class BankRunner:
 
   def prefill(self, request: prefill.Request, max_new_tokens: int, *,
               with_doc_scores: bool = False):
-    """Stage 2; `with_doc_scores` also returns every bank row's score (for inspection)."""
+    """Stage 2; `with_doc_scores` also returns every bank row's score (for inspection). Raises
+    `RequestError` for token ids outside the model's vocabulary or negative positions."""
+    request.check(self.model.cfg.vocab_size)
     if self.path is ContentPath.PAGED:
       return prefill.route_and_prefill_paged(self.model, self.index, self.content, self.doc_ids,
                                              self.template, request, max_new_tokens,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +18,8 @@ class Sampling:
   top_p: float = 1.0
 
   def __post_init__(self):
-    if self.temperature < 0:
-      raise ValueError(f"{self.temperature=} must be >= 0")
+    if not (math.isfinite(self.temperature) and self.temperature >= 0):  # nan: always token 0
+      raise ValueError(f"{self.temperature=} must be a finite number >= 0")
     if not 0 < self.top_p <= 1:
       raise ValueError(f"{self.top_p=} must be in (0, 1]")
 
