@@ -389,7 +389,7 @@ def test_a_lowered_next_shard_is_refused_and_no_committed_shard_is_touched(f32_b
     (lambda m: m["shards"][1].update(generation=m["shards"][0]["generation"] - 1),
      r"shards\[1\]\.generation=\d+ is out of order"),
     (lambda m: m.update(inputs=[{"sha256": "0" * 64, "num_docs": 2, "first_id": 0,
-                                 "committed": 3}]), r"inputs\[0\]\.committed=3 does not fit"),
+                                 "committed": 3}]), r"inputs\[0\]\.committed=3 is above its"),
 ])
 def test_manifest_invariants_are_checked_on_open(f32_bank, edit, pattern):
   mpath = f32_bank / "manifest.json"
