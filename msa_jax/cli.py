@@ -275,7 +275,10 @@ def _cmd_generate(args) -> int:
     output = _check_output(args.output)
     batch = _load_npz(args.batch, "batch")
     model = _load_model(args.checkpoint)
-    vocab = model.cfg.vocab_size
+    vocab, context = model.cfg.vocab_size, model.cfg.max_position_embeddings
+    if args.max_new_tokens > context:  # the decode cache is preallocated for every new token
+      raise InputError(f"--max-new-tokens {args.max_new_tokens} is more than the model's "
+                       f"{context} positions")
     for t in args.stop_token:
       if not 0 <= t < vocab:
         raise InputError(f"--stop-token {t} is outside the vocabulary [0, {vocab})")

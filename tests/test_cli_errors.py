@@ -248,6 +248,15 @@ def test_generate_refuses_a_bad_number_at_argument_parsing(files, capsys, flag, 
   assert f"argument {flag}" in capsys.readouterr().err
 
 
+def test_generate_refuses_more_new_tokens_than_the_model_has_positions(files, capsys):
+  d, _ = files
+  argv = generate_args(d)
+  argv[argv.index("--max-new-tokens") + 1] = str(10 ** 9)
+  assert run(argv) == 2
+  assert "--max-new-tokens 1000000000 is more than the model's 512 positions" in (
+      capsys.readouterr().err)
+
+
 def test_generate_refuses_a_stop_token_outside_the_vocabulary(files, capsys):
   d, _ = files
   assert run(generate_args(d) + ["--stop-token", str(2 ** 40)]) == 2
