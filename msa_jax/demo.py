@@ -8,7 +8,8 @@
 
 `load()` returns a model, its tokenizer and the memory layout it was trained on (`DemoData`), so
 that evaluations can build memories of the same kind. Each checkpoint is the HF layout of SPEC §11
-under `msa_jax/assets/`.
+under `msa_jax/assets/`, with its tokenizer.json (`tokenizer.byte_tokenizer_json()`); `load()`
+returns the equivalent ByteTokenizer, which gives the same ids without the `tokenizers` library.
 """
 
 from __future__ import annotations

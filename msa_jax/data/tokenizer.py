@@ -1,9 +1,12 @@
 """Tokenizers for text documents: a dependency-free byte tokenizer and offline HF tokenizer.json.
 
 Both map the MSA control strings (`Special`) to single ids, so prompts can be written as text.
+`byte_tokenizer_json()` is the byte tokenizer as a tokenizer.json (the same ids for every text),
+which is what a checkpoint of a byte-level model carries.
 """
 
 import enum
+import json
 import pathlib
 import re
 from collections.abc import Iterable
@@ -91,16 +94,23 @@ class HFTokenizer:
 
   The control strings must be tokens of that vocabulary (normally added special tokens); special()
   raises ValueError for one that is missing (Qwen3, for instance, has no "<End-of-Retrieve>").
+
+  vocab_size is one more than the largest id, so every id it produces is below it; a model's
+  embedding table may be larger (the byte tokenizer.json has 262 ids, ByteTokenizer pads to 264).
+  `json` is the file's text as read, which `save_checkpoint` copies into a checkpoint.
   """
 
   def __init__(self, path: str | pathlib.Path):
     import tokenizers  # deferred: only needed for real vocabularies
     self.path = str(path)
     try:
-      self._tok = tokenizers.Tokenizer.from_file(self.path)
+      # Bytes, not read_text: universal newlines would change the text that a checkpoint copies.
+      self.json = pathlib.Path(self.path).read_bytes().decode("utf-8")
+      self._tok = tokenizers.Tokenizer.from_str(self.json)
     except Exception as e:  # tokenizers raises a bare Exception for malformed files
       raise ValueError(f"cannot read tokenizer file {self.path}: {e}") from e
-    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    ids = self._tok.get_vocab(with_added_tokens=True).values()
+    self.vocab_size = max(ids, default=-1) + 1
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
@@ -127,3 +137,50 @@ def load_tokenizer(path: str | pathlib.Path | None) -> Tokenizer:
   if not p.is_file():
     raise ValueError(f"no tokenizer file at {p}")
   return HFTokenizer(p)
+
+
+def _byte_symbols() -> list[str]:
+  """GPT-2's printable stand-in for each byte, the one `pre_tokenizers.ByteLevel` maps byte b to.
+
+  Printable Latin-1 bytes stand for themselves; the others take 256, 257, ... in byte order.
+  """
+  printable = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+  spare = iter(range(256, 512))
+  return [chr(b) if b in printable else chr(next(spare)) for b in range(256)]
+
+
+def byte_tokenizer_json() -> str:
+  """`ByteTokenizer` as a `tokenizers` tokenizer.json: the same ids for every text.
+
+  Byte-level pre-tokenization with neither a prefix space nor the regex split, a BPE model without
+  merges whose vocabulary maps the symbol of byte b to id b, the control strings as special tokens
+  256-261 in `Special` order, and no normalizer (which would change the bytes). Written out here
+  rather than by the library's serializer, so that the bytes do not depend on its version.
+  """
+  byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                "use_regex": False}
+  added = [{"id": int(s), "content": SPECIAL_TEXT[s], "single_word": False, "lstrip": False,
+            "rstrip": False, "normalized": False, "special": True} for s in Special]
+  model = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+           "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+           "vocab": {c: b for b, c in enumerate(_byte_symbols())}, "merges": []}
+  d = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+       "normalizer": None, "pre_tokenizer": byte_level, "post_processor": None,
+       "decoder": byte_level, "model": model}
+  return json.dumps(d, indent=2, ensure_ascii=False) + "\n"
+
+
+def byte_hf_tokenizer():
+  """`byte_tokenizer_json()` as a `tokenizers.Tokenizer`."""
+  import tokenizers
+  return tokenizers.Tokenizer.from_str(byte_tokenizer_json())
+
+
+def tokenizer_json(tok: Tokenizer) -> str:
+  """The tokenizer.json text of `tok`: the byte one, or an HFTokenizer's file as it was read."""
+  if isinstance(tok, ByteTokenizer):
+    return byte_tokenizer_json()
+  if isinstance(tok, HFTokenizer):
+    return tok.json
+  raise TypeError(f"cannot write {type(tok).__name__} as a tokenizer.json; expected a "
+                  "ByteTokenizer or an HFTokenizer")

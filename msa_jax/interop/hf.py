@@ -13,6 +13,9 @@ loads), for a dense model without router layers.
 Integrity: `save_checkpoint` records a checksum of the tensors in the safetensors header
 (`tensors_sha256`), and `load_checkpoint` verifies it where present and refuses NaN/Inf weights in
 any checkpoint.
+
+A checkpoint may carry its tokenizer as `tokenizer.json` (`save_checkpoint(tokenizer=...)`,
+`load_tokenizer`); the byte-level models carry `data.tokenizer.byte_tokenizer_json()`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from safetensors.numpy import save_file
 
 from msa_jax import config as config_lib
 from msa_jax.config import ModelConfig
+# interop depends on data, never the reverse: data.tokenizer imports nothing of msa_jax.
+from msa_jax.data.tokenizer import HFTokenizer, Tokenizer, tokenizer_json
 from msa_jax.nn.layers import Linear
 from msa_jax.nn.model import MSAForCausalLM
 
@@ -45,6 +50,7 @@ ModelType = Literal["msa", "qwen3"]
 # Dtypes a checkpoint tensor may have (jax would silently narrow 64-bit ones).
 _DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))
 _WEIGHTS = "model.safetensors"
+_TOKENIZER = "tokenizer.json"
 # The integrity record that save_checkpoint writes into the header's __metadata__: the digest and
 # the name of its definition (`tensors_sha256`), so that a later definition can be told apart.
 _SHA256_KEY = "msa_jax.sha256"
@@ -298,12 +304,14 @@ def hf_config_dict(cfg: ModelConfig, model_type: ModelType = "msa", *,
 
 
 def save_checkpoint(ckpt_dir: str | os.PathLike, cfg: ModelConfig, params: Params, *,
-                    model_type: ModelType = "msa") -> None:
+                    model_type: ModelType = "msa", tokenizer: Tokenizer | None = None) -> None:
   """Writes the HF layout (config.json + model.safetensors); `model_type` as in `hf_config_dict`.
 
-  "qwen3" writes no `temperature` tensor (a plain Qwen3 checkpoint has none). Both files are
-  staged as temporary files and only then renamed over any previous ones, so a failed export
-  leaves a previous checkpoint intact and no temporary file behind. A directory holding other
+  "qwen3" writes no `temperature` tensor (a plain Qwen3 checkpoint has none). A `tokenizer`
+  (ByteTokenizer or HFTokenizer, see `data.tokenizer.tokenizer_json`) is written as
+  tokenizer.json, and its ids must fit the model's vocabulary; without one none is written. All
+  files are staged as temporary files and only then renamed over any previous ones, so a failed
+  export leaves a previous checkpoint intact and no temporary file behind. A directory holding other
   safetensors files (e.g. shards of a sharded checkpoint) is refused: they would be read together
   with the new weights. The header metadata records `tensors_sha256` of the weights, which
   `load_checkpoint` verifies.
@@ -322,6 +330,10 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, cfg: ModelConfig, params: Param
     tensors[key] = np.require(value.T if transpose else value, requirements="C")
   d = hf_config_dict(cfg, model_type, dtype=str(tensors["model.embed_tokens.weight"].dtype))
   text = json.dumps(d, indent=2, sort_keys=True) + "\n"
+  tok_text = None if tokenizer is None else tokenizer_json(tokenizer)
+  if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+    raise CheckpointError(f"the tokenizer's ids reach {tokenizer.vocab_size - 1}, beyond the "
+                          f"model's vocabulary of {cfg.vocab_size}")
   ckpt_dir.mkdir(parents=True, exist_ok=True)
   stale = sorted(p.name for p in ckpt_dir.iterdir() if p.name != _WEIGHTS and (
       p.name.endswith(".safetensors") or p.name.endswith(".safetensors.index.json")))
@@ -330,10 +342,27 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, cfg: ModelConfig, params: Param
                           f"read together with the new {_WEIGHTS}; remove them or pick another "
                           "directory")
   metadata = {"format": "pt", _CHECKSUM_KEY: _CHECKSUM_FORMAT, _SHA256_KEY: tensors_sha256(tensors)}
-  _atomic_write_all(ckpt_dir, {
+  writers = {
       _WEIGHTS: lambda p: save_file(tensors, p, metadata=metadata),
       "config.json": lambda p: pathlib.Path(p).write_text(text),
-  })
+  }
+  if tok_text is not None:
+    writers[_TOKENIZER] = lambda p: pathlib.Path(p).write_bytes(tok_text.encode("utf-8"))
+  _atomic_write_all(ckpt_dir, writers)
+
+
+def load_tokenizer(ckpt_dir: str | os.PathLike) -> HFTokenizer:
+  """The tokenizer a checkpoint carries: its tokenizer.json.
+
+  ValueError naming the directory when it has none (the caller may then pass a tokenizer
+  explicitly), and naming the file when that is malformed.
+  """
+  ckpt_dir = pathlib.Path(ckpt_dir)
+  path = ckpt_dir / _TOKENIZER
+  if not path.is_file():
+    raise ValueError(f"checkpoint {ckpt_dir} has no {_TOKENIZER}; pass its tokenizer explicitly "
+                     "(ByteTokenizer() for the byte-level models)")
+  return HFTokenizer(path)
 
 
 def _atomic_write_all(directory: pathlib.Path, writers: dict[str, Callable[[str], Any]]) -> None:

@@ -86,8 +86,10 @@ def interpolate(model: MSAForCausalLM, ckpts: loop.Checkpoints, from_step: int,
 
 
 def export(c, model: MSAForCausalLM, directory: str) -> None:
-  """The HF checkpoint plus `training.json`: the memory layout the model was trained on."""
-  hf.save_checkpoint(directory, model.cfg, nnx.to_pure_dict(nnx.state(model)))
+  """The HF checkpoint with its tokenizer, plus `training.json`: the memory layout the model was
+  trained on."""
+  hf.save_checkpoint(directory, model.cfg, nnx.to_pure_dict(nnx.state(model)),
+                     tokenizer=ByteTokenizer())
   info = {"data": {"doc_chars": c.data.doc_chars,
                    "docs_per_example": c.phases[-1]["docs_per_example"],
                    "examples_per_memory": c.data.rows, "id_digits": list(c.data.id_digits),
