@@ -1,13 +1,19 @@
-"""`msa-jax` command-line tool.
+"""`msa-jax` command-line tool: documents in, answers out, and the three stages underneath.
 
-  msa-jax forward --checkpoint DIR --batch IN.npz --output OUT.npz [--reference REF.npz]
-  msa-jax encode --checkpoint DIR --documents DOCS.npz|DOCS.jsonl --bank DIR
-  msa-jax generate --checkpoint DIR --bank DIR --batch Q.npz --max-new-tokens N --output OUT.npz
+  msa-jax encode [--checkpoint DIR] --documents PATH --bank DIR [--split MODE] [--append]
+  msa-jax ask [--checkpoint DIR] --bank DIR [QUESTION ...] [--questions FILE] [--json]
+  msa-jax bank info|add|delete|replace|compact BANK ...
+  msa-jax generate [--checkpoint DIR] --bank DIR --batch Q.npz --max-new-tokens N --output OUT.npz
+  msa-jax forward [--checkpoint DIR] --batch IN.npz --output OUT.npz [--reference REF.npz]
 
-runs the training-path forward in float32 on a SPEC §13 batch and writes `logits`,
-`doc_scores_L{l}`, `selected_docs_L{l}` (and the losses when the batch has labels). With
-`--reference`, it also prints the largest difference from another run's outputs of the same names
-(e.g. the official PyTorch code's), on valid tokens only.
+`--checkpoint` defaults to the shipped NIAH demo model; `niah` and `multihop` name the shipped
+models. Documents are text (`.jsonl` with {"text", optional "id", "title"}, `.txt`, `.md`, or a
+directory of them; `--split file|paragraph|chars:N`) or token arrays (`.npz`). `forward` runs the
+training-path forward in float32 on a SPEC §13 batch and writes `logits`, `doc_scores_L{l}`,
+`selected_docs_L{l}` (and the losses when the batch has labels); with `--reference`, it also
+prints the largest difference from another run's outputs of the same names.
+
+Exit status: 0 success, 2 bad input (one `error:` line naming it), 1 an internal error.
 """
 
 from __future__ import annotations
@@ -187,63 +193,34 @@ def _cmd_forward(args) -> int:
   return 0
 
 
-def _load_model(checkpoint: str):
+def _load_model(checkpoint: str | None):
   from msa_jax.interop import hf
   from msa_jax.nn.model import from_params
-  cfg, params = hf.load_checkpoint(checkpoint)
+  from msa_jax.text_memory import checkpoint_dir
+  cfg, params = hf.load_checkpoint(checkpoint_dir(checkpoint))
   return from_params(cfg, _to_float32(params))
 
 
-def _read_documents(path: str, tokenizer: str | None, vocab_size: int):
-  """(tokens [M, Lmax] -1 padded, lengths [M], template or None) from .npz or JSONL text."""
+def _read_token_documents(path: str, vocab_size: int):
+  """(tokens [M, Lmax] -1 padded, lengths [M], template or None) from an .npz."""
   from msa_jax.engine import encode
   p = pathlib.Path(path)
-  if p.suffix == ".npz":
-    f = _load_npz(p, "documents")
-    if "tokens" not in f or "lengths" not in f:
-      raise ValueError(f"{p} must hold tokens [M, Lmax] and lengths [M] (optional template [t])")
-    encode.check_documents(f["tokens"], f["lengths"], vocab_size)
-    return f["tokens"], f["lengths"], f.get("template")
-  if p.suffix != ".jsonl":
-    raise ValueError(f"{p}: documents are .npz token arrays or .jsonl text")
-  if tokenizer is None:
-    raise ValueError("JSONL documents need --tokenizer (a tokenizer.json file)")
-  import json
-  from tokenizers import Tokenizer
-  try:
-    tok = Tokenizer.from_file(tokenizer)
-  except Exception as e:  # the tokenizers library raises a bare Exception
-    raise ValueError(f"cannot read --tokenizer {tokenizer}: {e}") from None
-  try:
-    lines = p.read_text(encoding="utf-8").splitlines()
-  except UnicodeDecodeError as e:
-    raise ValueError(f"{p} is not UTF-8 text: {e}") from None
-  texts = []
-  for n, line in enumerate(lines, 1):
-    if line.strip():
-      try:
-        texts.append(json.loads(line)["text"])
-        if not isinstance(texts[-1], str):
-          raise TypeError
-      except (json.JSONDecodeError, KeyError, TypeError):
-        raise ValueError(f"{p}:{n}: expected a JSON object with a string \"text\" field") from None
-  ids = [e.ids for e in tok.encode_batch(texts)]
-  lengths = np.array([len(i) for i in ids], np.int64)
-  tokens = np.full((len(ids), max(1, lengths.max(initial=0))), -1, np.int64)
-  for r, i in enumerate(ids):
-    tokens[r, :len(i)] = i
-  encode.check_documents(tokens, lengths, vocab_size)  # a tokenizer of a larger vocabulary
-  return tokens, lengths, None
+  f = _load_npz(p, "documents")
+  if "tokens" not in f or "lengths" not in f:
+    raise ValueError(f"{p} must hold tokens [M, Lmax] and lengths [M] (optional template [t])")
+  encode.check_documents(f["tokens"], f["lengths"], vocab_size)
+  return f["tokens"], f["lengths"], f.get("template")
 
 
 def _cmd_encode(args) -> int:
   from msa_jax.engine import encode
   from msa_jax.memory.store import BankError
 
+  if pathlib.Path(args.documents).suffix.lower() != ".npz":
+    return _encode_text(args, append=args.append)
   try:
     model = _load_model(args.checkpoint)
-    tokens, lengths, template = _read_documents(args.documents, args.tokenizer,
-                                                model.cfg.vocab_size)
+    tokens, lengths, template = _read_token_documents(args.documents, model.cfg.vocab_size)
     total = encode.Progress(len(lengths), int(np.sum(lengths)))
     done = encode.encode_to_bank(model, tokens, lengths, args.bank, template=template,
                                  dtype=args.dtype, shard_docs=args.shard_docs,
@@ -303,21 +280,172 @@ def _cmd_generate(args) -> int:
   return 0
 
 
+def _error(e: Exception) -> int:
+  print(f"error: {e}", file=sys.stderr)
+  return 2
+
+
+def _memory(args):
+  from msa_jax.text_memory import TextMemory
+  return TextMemory.open(args.bank, args.checkpoint, tokenizer=getattr(args, "tokenizer", None),
+                         dtype=getattr(args, "dtype", "float32"),
+                         shard_docs=getattr(args, "shard_docs", 1024))
+
+
+def _encode_text(args, *, append: bool) -> int:
+  from msa_jax.memory.store import BankError
+  try:
+    mem = _memory(args)
+    done = mem.add_path(args.documents, args.split, append=append, log=True)
+  except (ValueError, BankError, OSError) as e:
+    return _error(e)
+  n, ids = len(done.ids), f"ids {done.ids[0]}..{done.ids[-1]}"
+  if done.resumed_from == n:
+    print(f"bank {args.bank}: already holds all {n} documents of this input ({ids}); nothing "
+          f"to do ({done.live_docs} live documents)")
+  else:
+    resumed = f", resumed after {done.resumed_from}" if done.resumed_from else ""
+    print(f"bank {args.bank}: encoded {n - done.resumed_from} documents{resumed} ({ids}); "
+          f"{done.live_docs} live documents")
+  return 0
+
+
+def _read_questions(args) -> list[str]:
+  qs = list(args.question)
+  if args.questions:
+    try:
+      text = (sys.stdin.read() if args.questions == "-"
+              else pathlib.Path(args.questions).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+      raise InputError(f"cannot read --questions {args.questions}: {e}") from None
+    qs += [l.strip() for l in text.splitlines() if l.strip()]
+  if not qs:
+    raise InputError("no question given (arguments or --questions FILE)")
+  return qs
+
+
+def _cmd_ask(args) -> int:
+  import json
+
+  from msa_jax.data.documents import describe, TextDoc
+  from msa_jax.memory.store import BankError
+  from msa_jax.text_memory import Protocol
+
+  try:
+    questions = _read_questions(args)
+    mem = _memory(args)
+    default = mem.m.protocol
+    protocol = Protocol(args.naming or default.naming, args.max_rounds or default.max_rounds,
+                        default.router_docs)
+    answers = mem.ask(questions, protocol=protocol, max_new_tokens=args.max_new_tokens)
+  except (ValueError, BankError, OSError) as e:
+    return _error(e)
+  for a in answers:
+    if args.json:
+      print(json.dumps(a.to_json(), ensure_ascii=False))
+      continue
+    print(f"Q: {a.question}\nA: {a.answer}")
+    for r, rnd in enumerate(a.rounds, 1):
+      print(f"  round {r}:")
+      for d in rnd.documents:
+        shown = describe(TextDoc(d.text or "", d.title)) if (d.text or d.title) else ""
+        print(f"    {'*' if d.appended else ' '} [{d.id}] {d.score:.3f}  {shown}")
+    print(f"  latency {a.latency_s:.3f} s  (* = text appended to the context)\n")
+  return 0
+
+
+def _cmd_bank(args) -> int:
+  import json
+
+  from msa_jax.data.documents import read_documents
+  from msa_jax.memory import store
+  from msa_jax.text_memory import bank_info
+
+  try:
+    if args.action == "info":
+      info = bank_info(args.bank)
+      if args.json:
+        print(json.dumps(info))
+      else:
+        b = info["bytes"]
+        print(f"bank {info['path']}: {info['live_docs']} live documents ({info['stored_docs']} "
+              f"stored), {info['chunks']} chunks in {info['shards']} shards, generation "
+              f"{info['generation']}\n  bytes: routing keys {b['routing_keys']:,} (device), "
+              f"content K/V {b['content_kv']:,} (host/disk), texts {b['texts']:,}, other "
+              f"{b['other']:,}\n  model: config {info['model']['config_fingerprint']}, router "
+              f"layers {info['model']['router_layers']}, {info['model']['dtype']}")
+      return 0
+    if args.action == "add":
+      return _encode_text(args, append=True)
+    if args.action == "delete":
+      store.delete_documents(args.bank, args.ids)
+      print(f"bank {args.bank}: deleted {len(set(args.ids))} documents")
+    elif args.action == "replace":
+      mem = _memory(args)
+      ids = mem.replace(read_documents(args.documents, None))
+      print(f"bank {args.bank}: replaced {len(ids)} documents")
+    else:
+      removed = store.compact(args.bank, max_shard_docs=args.max_shard_docs)
+      print(f"bank {args.bank}: compacted, {removed} deleted rows removed")
+  except (ValueError, store.BankError, OSError) as e:
+    return _error(e)
+  return 0
+
+
+def _naming(text: str):
+  from msa_jax.engine.interleave import Naming
+  try:
+    return Naming(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not one of {[n.value for n in Naming]}") from None
+
+
+def _document_id(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    value = -1
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a document id (an integer >= 0)")
+  return value
+
+
+def _split(text: str):
+  from msa_jax.data.documents import split_arg
+  return split_arg(text)
+
+
+def _model_args(p, *, text: bool) -> None:
+  p.add_argument("--checkpoint", help="checkpoint directory, or 'niah' / 'multihop' (the shipped "
+                                      "models; default 'niah')")
+  if text:
+    p.add_argument("--tokenizer", help="tokenizer.json overriding the checkpoint's")
+
+
+def _text_args(p) -> None:
+  p.add_argument("--split", type=_split, default=None,
+                 help="file | paragraph | chars:N (default: JSONL records whole; text files in "
+                      "pieces of the model's trained document size, chars:160 for the shipped "
+                      "models, else paragraphs)")
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="msa-jax", description=__doc__.split("\n\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
   fwd = sub.add_parser("forward", help="training-path forward on a SPEC §13 batch")
-  fwd.add_argument("--checkpoint", required=True, help="official HF checkpoint directory")
+  _model_args(fwd, text=False)
   fwd.add_argument("--batch", required=True, help="input .npz (input_ids, doc_ids, ...)")
   fwd.add_argument("--output", required=True, help="output .npz")
   fwd.add_argument("--reference", help="an .npz with outputs of the same names to compare against")
   fwd.set_defaults(run=_cmd_forward)
   enc = sub.add_parser("encode", help="stage 1: encode documents into an on-disk memory bank")
-  enc.add_argument("--checkpoint", required=True)
+  _model_args(enc, text=True)
+  _text_args(enc)
   enc.add_argument("--documents", required=True,
-                   help=".npz (tokens [M, Lmax] -1 padded, lengths [M], optional template [t]) "
-                        "or .jsonl ({\"text\": ...} per line, needs --tokenizer)")
-  enc.add_argument("--tokenizer", help="tokenizer.json for JSONL documents")
+                   help=".jsonl ({\"text\": ..., optional \"id\", \"title\"} per line), .txt, "
+                        ".md, a directory of them, or .npz token arrays (tokens [M, Lmax] -1 "
+                        "padded, lengths [M], optional template [t])")
   enc.add_argument("--bank", required=True,
                    help="bank directory; re-running the same encode resumes it, other documents "
                         "are refused unless --append")
@@ -328,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="documents per committed shard")
   enc.set_defaults(run=_cmd_encode)
   gen = sub.add_parser("generate", help="stages 2-3: route, prefill and decode requests")
-  gen.add_argument("--checkpoint", required=True)
+  _model_args(gen, text=False)
   gen.add_argument("--bank", required=True)
   gen.add_argument("--batch", required=True, help="request .npz in the SPEC §13 format")
   gen.add_argument("--max-new-tokens", type=_positive_int, required=True)
@@ -340,6 +468,47 @@ def main(argv: list[str] | None = None) -> int:
   gen.add_argument("--content", choices=("device", "callback", "paged"),
                    help="how selected K/V reach the device (default: per backend)")
   gen.set_defaults(run=_cmd_generate)
+
+  ask = sub.add_parser("ask", help="answer questions from a bank (Memory Interleave)")
+  _model_args(ask, text=True)
+  ask.add_argument("--bank", required=True)
+  ask.add_argument("question", nargs="*", help="questions (or --questions FILE)")
+  ask.add_argument("--questions", help="a file of questions, one per line ('-': standard input)")
+  ask.add_argument("--json", action="store_true",
+                   help="one JSON object per question: question, answer, rounds (documents: id, "
+                        "score), latency_s")
+  ask.add_argument("--naming", type=_naming, default=None,
+                   help="model | router | router_until_end (default: the checkpoint's protocol)")
+  ask.add_argument("--max-rounds", type=_positive_int, default=None,
+                   help="retrieval rounds at most (default: the checkpoint's protocol)")
+  ask.add_argument("--max-new-tokens", type=_positive_int, default=96,
+                   help="answer tokens at most")
+  ask.set_defaults(run=_cmd_ask)
+
+  bank = sub.add_parser("bank", help="inspect and change a bank: info, add, delete, replace, "
+                                     "compact")
+  acts = bank.add_subparsers(dest="action", required=True)
+  info = acts.add_parser("info", help="documents, chunks, bytes per tier, model, generation")
+  info.add_argument("bank")
+  info.add_argument("--json", action="store_true")
+  add = acts.add_parser("add", help="encode more documents into the bank (new ids; resumable)")
+  add.add_argument("bank")
+  _model_args(add, text=True)
+  _text_args(add)
+  add.add_argument("--documents", required=True, help=".jsonl, .txt, .md or a directory")
+  add.add_argument("--shard-docs", type=_positive_int, default=1024)
+  delete = acts.add_parser("delete", help="delete documents by id")
+  delete.add_argument("bank")
+  delete.add_argument("ids", nargs="+", type=_document_id)
+  replace = acts.add_parser("replace", help="re-encode live documents with new text (a .jsonl "
+                                            "whose records name their \"id\")")
+  replace.add_argument("bank")
+  _model_args(replace, text=True)
+  replace.add_argument("--documents", required=True)
+  compact = acts.add_parser("compact", help="drop deleted documents from disk")
+  compact.add_argument("bank")
+  compact.add_argument("--max-shard-docs", type=_positive_int, default=None)
+  bank.set_defaults(run=_cmd_bank)
   args = parser.parse_args(argv)
   return args.run(args)
 

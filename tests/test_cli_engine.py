@@ -178,17 +178,23 @@ def test_encode_reads_jsonl_text_with_a_tokenizer(tmp_path):
   assert cli.main(["encode", "--checkpoint", CKPT, "--documents", str(tmp_path / "docs.jsonl"),
                    "--tokenizer", str(tmp_path / "tokenizer.json"), "--bank",
                    str(tmp_path / "bank")]) == 0
-  from msa_jax.memory.store import open_bank
-  bank = open_bank(tmp_path / "bank")
-  assert bank.lengths.tolist() == [6, 3] and bank.doc_ids.tolist() == [0, 1]
+  from msa_jax.data import render
+  from msa_jax.memory import store
+  bank = store.open_bank(tmp_path / "bank")
+  texts = ["the cat sat on the mat", "a dog ran"]  # rendered in the memory format with their ids
+  assert bank.lengths.tolist() == [len(tok.encode(render.doc_text(i, t)).ids)
+                                   for i, t in enumerate(texts)]
+  assert bank.doc_ids.tolist() == [0, 1]
+  assert {i: t.text for i, t in store.read_texts(tmp_path / "bank").items()} == dict(
+      enumerate(texts))
 
 
 def test_encode_rejects_jsonl_without_a_tokenizer_and_malformed_lines(tmp_path, capsys):
   (tmp_path / "docs.jsonl").write_text('{"text": "x"}\n')
   args = ["encode", "--checkpoint", CKPT, "--documents", str(tmp_path / "docs.jsonl"), "--bank",
           str(tmp_path / "bank")]
-  assert cli.main(args) == 2
-  assert "need --tokenizer" in capsys.readouterr().err
+  assert cli.main(args) == 2  # the official checkpoint ships no tokenizer.json
+  assert "has no usable tokenizer.json" in capsys.readouterr().err
   np.savez(tmp_path / "bad.npz", tokens=np.ones((2, 3)))
   args[4] = str(tmp_path / "bad.npz")
   assert cli.main(args) == 2

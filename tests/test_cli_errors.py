@@ -391,8 +391,8 @@ def test_a_bad_tokenizer_file_is_named(tmp_path, capsys, tokenizer):
 
 
 @pytest.mark.parametrize("content,message", [
-    (b'{"text": 5}\n', ':1: expected a JSON object with a string "text" field'),
-    (b'\xff\xfe{"text": "a"}\n', "is not UTF-8 text"),
+    (b'{"text": 5}\n', ':1: "text" must be a string'),
+    (b'\xff\xfe{"text": "a"}\n', "not valid UTF-8 at byte offset 0"),
 ])
 def test_bad_jsonl_documents_are_named(tmp_path, capsys, content, message):
   from tokenizers import Tokenizer, models, pre_tokenizers

@@ -259,7 +259,7 @@ class Encoded:
 def encode_to_bank(model: MSAForCausalLM, tokens: np.ndarray, lengths: np.ndarray, path, *,
                    template: np.ndarray | None = None, dtype: str = "float32",
                    shard_docs: int = 1024, batch_tokens: int = 8192, append: bool = False,
-                   texts=None, titles=None,
+                   texts=None, titles=None, doc_ids=None, input_sha256: str | None = None,
                    progress: Callable[[int, int], None] | None = None) -> Encoded:
   """Encodes documents into the on-disk bank at `path`, one committed shard per `shard_docs`.
 
@@ -271,6 +271,9 @@ def encode_to_bank(model: MSAForCausalLM, tokens: np.ndarray, lengths: np.ndarra
   under new ids (from the bank's `next_doc_id`; an append is resumable the same way).
   texts, titles: optional, one string per document, stored beside its K/V (`store.read_texts`);
   they are part of the input's fingerprint.
+  doc_ids, input_sha256: for inputs that fix their ids themselves (e.g. text documents rendered
+  with their id, `msa_jax.text_memory`): the ids [M] and the input's fingerprint, which must
+  determine them (it replaces `fingerprint(tokens, ...)`).
   """
   import ml_dtypes
 
@@ -289,7 +292,11 @@ def encode_to_bank(model: MSAForCausalLM, tokens: np.ndarray, lengths: np.ndarra
   for name, v in (("texts", texts), ("titles", titles)):
     if v is not None and len(v) != len(lengths):
       raise EncodeError(f"{name}: {len(v)} given for {len(lengths)} documents")
-  sha = fingerprint(tokens, lengths, texts, titles)
+  if (doc_ids is None) != (input_sha256 is None):
+    raise EncodeError("doc_ids and input_sha256 come together")
+  if doc_ids is not None and len(doc_ids) != len(lengths):
+    raise EncodeError(f"doc_ids: {len(doc_ids)} given for {len(lengths)} documents")
+  sha = input_sha256 or fingerprint(tokens, lengths, texts, titles)
   with BankWriter(path, spec, template=tpl) as writer:
     record = writer.input_record(sha)
     if record is None:
@@ -308,6 +315,7 @@ def encode_to_bank(model: MSAForCausalLM, tokens: np.ndarray, lengths: np.ndarra
       enc = encode_documents(model, tokens[s:e], lengths[s:e], dtype=np_dtype,
                              batch_tokens=batch_tokens, progress=done)
       record = writer.append_input(enc, record,
+                                   doc_ids=None if doc_ids is None else doc_ids[s:e],
                                    texts=None if texts is None else texts[s:e],
                                    titles=None if titles is None else titles[s:e])
       base_tokens += int(lengths[s:e].sum())

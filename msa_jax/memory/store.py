@@ -1182,10 +1182,11 @@ class BankWriter:
       raise BankError(f"first_id={first_id} is below the bank's next_doc_id {self.next_doc_id}")
     return InputRecord(sha256=sha256, num_docs=num_docs, first_id=first_id)
 
-  def append_input(self, enc: EncodedDocs, record: InputRecord, *, texts=None,
+  def append_input(self, enc: EncodedDocs, record: InputRecord, *, doc_ids=None, texts=None,
                    titles=None) -> InputRecord:
-    """Appends the input's next `len(enc.lengths)` documents (ids `first_id + committed + i`) and
-    advances its record in the same commit; returns the advanced record."""
+    """Appends the input's next `len(enc.lengths)` documents and advances its record in the same
+    commit; returns the advanced record. Their ids are `first_id + committed + i`, or `doc_ids`
+    for an input that names its documents' ids itself (they are part of its fingerprint)."""
     self._check_open()
     stored = self.input_record(record.sha256)
     if (stored or dataclasses.replace(record, committed=0)) != record:
@@ -1196,7 +1197,8 @@ class BankWriter:
       raise BankError(f"appending {lengths.size} documents would pass the input's "
                       f"{record.num_docs}")
     start = record.first_id + record.committed
-    ids = np.arange(start, start + lengths.size, dtype=np.int64)
+    ids = (np.arange(start, start + lengths.size, dtype=np.int64) if doc_ids is None
+           else self._resolve_ids(doc_ids, lengths.size))
     clash = np.intersect1d(ids, self.live_doc_ids)
     if clash.size:
       raise BankError(f"{self.path}: ids {clash[:10].tolist()} of this input are already taken "
