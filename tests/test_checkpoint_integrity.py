@@ -186,3 +186,20 @@ def test_forward_runs_on_a_saved_checkpoint_and_exits_2_once_a_byte_flips(saved,
   _flip_byte(saved / "model.safetensors", 0.5)
   assert forward(tmp_path / "after.npz") == 2 and not (tmp_path / "after.npz").exists()
   assert "model.safetensors: checksum mismatch" in capsys.readouterr().err
+
+
+def test_a_saved_file_depends_only_on_its_contents(tmp_path):
+  """safetensors keeps metadata in a hash map: its order varies by process unless we fix it."""
+  import subprocess
+  import sys
+  code = ("import sys; from msa_jax.interop import hf; "
+          "hf.save_checkpoint(sys.argv[1], *hf.load_checkpoint(sys.argv[2]))")
+  for name in ("a", "b", "c"):
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / name), str(OFFICIAL / "ckpt")],
+                   check=True)
+  files = [(tmp_path / n / "model.safetensors").read_bytes() for n in "abc"]
+  assert files[0] == files[1] == files[2]
+  n = int.from_bytes(files[0][:8], "little")
+  header = json.loads(files[0][8:8 + n])
+  assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+  assert n % 8 == 0

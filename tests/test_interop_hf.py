@@ -317,7 +317,7 @@ def test_export_with_params_that_do_not_match_the_config(official_model_nodecoup
   assert not (tmp_path / "out").exists()
 
 
-def _fail_weights(tensors, filename, metadata=None):
+def _fail_weights(filename, tensors, metadata=None):
   with open(filename, "wb") as f:
     f.write(b"partial")
   raise OSError("disk full (simulated)")
@@ -339,7 +339,7 @@ def test_failed_export_leaves_the_previous_checkpoint_intact(
   shutil.copytree(official_dir / "ckpt", tmp_path, dirs_exist_ok=True)
   before = _files(tmp_path)
   if fail == "weights":
-    monkeypatch.setattr(hf, "save_file", _fail_weights)
+    monkeypatch.setattr(hf, "_write_safetensors", _fail_weights)
   else:
     monkeypatch.setattr(pathlib.Path, "write_text", _fail_config)
   with pytest.raises(OSError, match="disk full"):

@@ -35,7 +35,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save as _serialize
 
 from msa_jax import config as config_lib
 from msa_jax.config import ModelConfig
@@ -303,6 +303,22 @@ def hf_config_dict(cfg: ModelConfig, model_type: ModelType = "msa", *,
   return d
 
 
+def _write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+  """A safetensors file whose bytes depend only on its contents.
+
+  The library keeps `__metadata__` in a hash map, so with several entries their order (and the
+  file's bytes) changes from process to process; the header is rewritten with sorted keys (the
+  data section and its offsets are untouched; the header stays space-padded to 8 bytes).
+  """
+  raw = _serialize(tensors, metadata=metadata)
+  n = int.from_bytes(raw[:8], "little")
+  header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+  header += b" " * (-len(header) % 8)
+  with open(path, "wb") as f:
+    f.write(len(header).to_bytes(8, "little") + header)
+    f.write(memoryview(raw)[8 + n:])
+
+
 def save_checkpoint(ckpt_dir: str | os.PathLike, cfg: ModelConfig, params: Params, *,
                     model_type: ModelType = "msa", tokenizer: Tokenizer | None = None) -> None:
   """Writes the HF layout (config.json + model.safetensors); `model_type` as in `hf_config_dict`.
@@ -343,7 +359,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, cfg: ModelConfig, params: Param
                           "directory")
   metadata = {"format": "pt", _CHECKSUM_KEY: _CHECKSUM_FORMAT, _SHA256_KEY: tensors_sha256(tensors)}
   writers = {
-      _WEIGHTS: lambda p: save_file(tensors, p, metadata=metadata),
+      _WEIGHTS: lambda p: _write_safetensors(p, tensors, metadata),
       "config.json": lambda p: pathlib.Path(p).write_text(text),
   }
   if tok_text is not None:
