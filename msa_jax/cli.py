@@ -299,15 +299,20 @@ def _encode_text(args, *, append: bool) -> int:
     done = mem.add_path(args.documents, args.split, append=append, log=True)
   except (ValueError, BankError, OSError) as e:
     return _error(e)
-  n, ids = len(done.ids), f"ids {done.ids[0]}..{done.ids[-1]}"
+  n = len(done.ids)
+  ids = f"id {done.ids[0]}" if n == 1 else f"ids {done.ids[0]}..{done.ids[-1]}"
   if done.resumed_from == n:
-    print(f"bank {args.bank}: already holds all {n} documents of this input ({ids}); nothing "
-          f"to do ({done.live_docs} live documents)")
+    print(f"bank {args.bank}: already holds all {_count(n, 'document')} of this input ({ids}); "
+          f"nothing to do ({_count(done.live_docs, 'live document')})")
   else:
     resumed = f", resumed after {done.resumed_from}" if done.resumed_from else ""
-    print(f"bank {args.bank}: encoded {n - done.resumed_from} documents{resumed} ({ids}); "
-          f"{done.live_docs} live documents")
+    print(f"bank {args.bank}: encoded {_count(n - done.resumed_from, 'document')}{resumed} "
+          f"({ids}); {_count(done.live_docs, 'live document')}")
   return 0
+
+
+def _count(n: int, what: str) -> str:
+  return f"{n} {what}{'' if n == 1 else 's'}"
 
 
 def _read_questions(args) -> list[str]:
@@ -322,6 +327,9 @@ def _read_questions(args) -> list[str]:
   if not qs:
     raise InputError("no question given (arguments or --questions FILE)")
   return qs
+
+
+_SHOWN = 5  # documents printed per round (all of them with --json)
 
 
 def _cmd_ask(args) -> int:
@@ -346,10 +354,12 @@ def _cmd_ask(args) -> int:
       continue
     print(f"Q: {a.question}\nA: {a.answer}")
     for r, rnd in enumerate(a.rounds, 1):
-      print(f"  round {r}:")
-      for d in rnd.documents:
+      print(f"  round {r}: {_count(len(rnd.documents), 'document')} routed, best first")
+      for d in rnd.documents[:_SHOWN]:
         shown = describe(TextDoc(d.text or "", d.title)) if (d.text or d.title) else ""
         print(f"    {'*' if d.appended else ' '} [{d.id}] {d.score:.3f}  {shown}")
+      if len(rnd.documents) > _SHOWN:
+        print(f"      ... {len(rnd.documents) - _SHOWN} more (--json lists them all)")
     print(f"  latency {a.latency_s:.3f} s  (* = text appended to the context)\n")
   return 0
 

@@ -36,3 +36,15 @@ def test_readme_training_data_example_runs(capsys):
   assert ex.answer_text in ex.docs[ex.gold[0]]
   assert batch.doc_tokens.shape[:2] == (1, 8) and batch.input_ids.shape[0] == 2
   assert ex.answer_text in capsys.readouterr().out
+
+
+def test_readme_text_memory_example_runs(monkeypatch, tmp_path, capsys):
+  blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+  example = next(b for b in blocks if "TextMemory" in b)
+  monkeypatch.chdir(ROOT)
+  example = example.replace('"out/notes_bank"', repr(str(tmp_path / "bank")))
+  scope = {}
+  exec(compile(example, "README.md", "exec"), scope)
+  assert scope["ans"].answer == "4172093"
+  assert scope["ans"].rounds[0].documents[0].id == scope["ids"][0]
+  assert capsys.readouterr().out.splitlines()[-1] == "171"  # the note deleted, the prose kept

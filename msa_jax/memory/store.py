@@ -1374,10 +1374,11 @@ def _copy_blocks(runs, src, name: str) -> Iterator[np.ndarray]:
 # --- convenience --------------------------------------------------------------------------------
 
 
-def add_documents(path: PathLike, enc: EncodedDocs, doc_ids=None) -> np.ndarray:
+def add_documents(path: PathLike, enc: EncodedDocs, doc_ids=None, *, texts=None,
+                  titles=None) -> np.ndarray:
   """Appends documents to an existing bank (one shard); returns their ids."""
   with BankWriter(path) as w:
-    return w.append(enc, doc_ids)
+    return w.append(enc, doc_ids, texts=texts, titles=titles)
 
 
 def delete_documents(path: PathLike, doc_ids) -> None:
@@ -1385,9 +1386,10 @@ def delete_documents(path: PathLike, doc_ids) -> None:
     w.delete(doc_ids)
 
 
-def replace_documents(path: PathLike, enc: EncodedDocs, doc_ids) -> np.ndarray:
+def replace_documents(path: PathLike, enc: EncodedDocs, doc_ids, *, texts=None,
+                      titles=None) -> np.ndarray:
   with BankWriter(path) as w:
-    return w.replace(enc, doc_ids)
+    return w.replace(enc, doc_ids, texts=texts, titles=titles)
 
 
 def compact(path: PathLike, *, max_shard_docs: int | None = None, verify: bool = True) -> int:
