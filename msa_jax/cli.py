@@ -247,6 +247,7 @@ def _cmd_generate(args) -> int:
   from msa_jax.engine.sampling import Sampling
   from msa_jax.memory.bank import BankSpec
   from msa_jax.memory.store import BankError, open_bank, read_manifest
+  from msa_jax.nn.model import weights_fingerprint
 
   try:  # files are checked before the model is loaded
     output = _check_output(args.output)
@@ -260,7 +261,8 @@ def _cmd_generate(args) -> int:
       if not 0 <= t < vocab:
         raise InputError(f"--stop-token {t} is outside the vocabulary [0, {vocab})")
     _, stored = read_manifest(args.bank)
-    bank = open_bank(args.bank, spec=BankSpec.for_model(model.cfg, stored.dtype))
+    bank = open_bank(args.bank, spec=BankSpec.for_model(model.cfg, stored.dtype),
+                     weights_sha256=weights_fingerprint(model))
     request = prefill.Request.from_arrays(batch, vocab_size=vocab)
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p)
     runner = BankRunner(model, bank, content=ContentPath(args.content) if args.content else None)
@@ -382,8 +384,9 @@ def _cmd_bank(args) -> int:
               f"stored), {info['chunks']} chunks in {info['shards']} shards, generation "
               f"{info['generation']}\n  bytes: routing keys {b['routing_keys']:,} (device), "
               f"content K/V {b['content_kv']:,} (host/disk), texts {b['texts']:,}, other "
-              f"{b['other']:,}\n  model: config {info['model']['config_fingerprint']}, router "
-              f"layers {info['model']['router_layers']}, {info['model']['dtype']}")
+              f"{b['other']:,}\n  model: config {info['model']['config_fingerprint']}, weights "
+              f"{(info['model']['weights_sha256'] or 'not recorded')[:16]}, router layers "
+              f"{info['model']['router_layers']}, {info['model']['dtype']}")
       return 0
     if args.action == "add":
       return _encode_text(args, append=True)

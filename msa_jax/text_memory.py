@@ -19,6 +19,7 @@ Memory Interleave; their original text and title are kept in the bank (`store.re
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -36,7 +37,7 @@ from msa_jax.engine import encode, interleave
 from msa_jax.engine.interleave import Naming
 from msa_jax.memory import store
 from msa_jax.memory.bank import BankSpec
-from msa_jax.nn.model import MSAForCausalLM
+from msa_jax.nn.model import MSAForCausalLM, weights_fingerprint
 
 PathLike = str | os.PathLike
 # Names a checkpoint argument may give instead of a directory: the shipped models.
@@ -195,14 +196,19 @@ class TextMemory:
     NIAH model). An existing bank must have been built for the same model."""
     mem = cls(path, load_model(checkpoint, tokenizer), **kw)
     if (mem.path / store.MANIFEST).exists():
-      _, stored = store.read_manifest(mem.path)
+      m, stored = store.read_manifest(mem.path)
       mem.dtype = stored.dtype
       store._compare_specs(stored, mem.spec, mem.path / store.MANIFEST)
+      store._check_weights(m, mem.weights_sha256, mem.path / store.MANIFEST)
     return mem
 
   @property
   def spec(self) -> BankSpec:
     return BankSpec.for_model(self.m.model.cfg, self.dtype)
+
+  @functools.cached_property
+  def weights_sha256(self) -> str:
+    return weights_fingerprint(self.m.model)
 
   def _changed(self) -> None:
     self._runner = None
@@ -328,7 +334,7 @@ class TextMemory:
     """The `BankRunner` over the bank as it is now (rebuilt after a write)."""
     from msa_jax.engine.run import BankRunner
     if self._runner is None:
-      bank = store.open_bank(self.path, spec=self.spec)
+      bank = store.open_bank(self.path, spec=self.spec, weights_sha256=self.weights_sha256)
       self._runner = BankRunner(self.m.model, bank)
     return self._runner
 
@@ -390,6 +396,7 @@ def bank_info(path: PathLike) -> dict:
   return {"path": str(path), "live_docs": m["num_live_docs"], "stored_docs": m["num_docs"],
           "chunks": m["num_chunks"], "shards": len(m["shards"]), "bytes": tiers,
           "model": {"config_fingerprint": spec.config_fingerprint,
+                    "weights_sha256": m.get("weights_sha256"),
                     "router_layers": list(spec.router_layers), "dtype": spec.dtype},
           "generation": m["generation"], "next_doc_id": m["next_doc_id"],
           "inputs": len(m.get("inputs", []))}

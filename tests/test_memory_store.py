@@ -411,6 +411,21 @@ def test_a_writer_never_rewrites_a_shard_the_manifest_lists(f32_bank):
       MemoryBank.from_encoded(SPEC, concat(batches(SPEC)[:2])))
 
 
+def test_a_bank_records_the_weights_that_encoded_it(tmp_path):
+  path, a, b = tmp_path / "bank", "a" * 64, "b" * 64
+  with BankWriter(path, SPEC, weights_sha256=a) as w:
+    w.append(batches(SPEC)[0])
+  open_bank(path, weights_sha256=a)
+  open_bank(path)  # a reader that does not say which weights it has is not checked
+  with pytest.raises(BankError, match=r"encoded by other weights \(weights_sha256 aaaaaaaaaaaa"):
+    open_bank(path, weights_sha256=b)
+  with pytest.raises(BankError, match=r"encoded by other weights"):
+    BankWriter(path, weights_sha256=b)
+  store.compact(path, max_shard_docs=1)  # every later write keeps the record
+  with pytest.raises(BankError, match=r"encoded by other weights"):
+    open_bank(path, weights_sha256=b)
+
+
 def test_bad_input_rejected_at_append(tmp_path):
   with BankWriter(tmp_path / "bank", SPEC) as w:
     with pytest.raises(BankError, match=r"positions \[1\] have length \[0\]: empty documents"):

@@ -18,7 +18,8 @@ import pytest
 from msa_jax import cli
 from msa_jax.data.documents import Split, TextDoc, read_documents
 from msa_jax.memory import store
-from msa_jax.text_memory import TextMemory
+from msa_jax.nn.model import weights_fingerprint
+from msa_jax.text_memory import TextMemory, bank_info, load_model
 
 PROSE = pathlib.Path(__file__).parent / "data" / "prose"
 # The shipped NIAH model was trained on documents of 160 characters: text files are split into
@@ -345,6 +346,15 @@ def test_deleting_an_unknown_id_is_refused_and_changes_nothing(notes_bank, tmp_p
   assert run.status == 2
   assert "document ids [99] are not live in the bank" in run.err
   assert (bank / store.MANIFEST).read_bytes() == manifest
+
+
+def test_a_bank_refuses_a_model_of_the_same_config_but_other_weights(notes_bank):
+  # The shipped models share one config, so only the bank's weights fingerprint tells them apart.
+  run = msa_jax("ask", "--bank", notes_bank, "--checkpoint", "multihop", question("quiet-river"))
+  assert run.status == 2
+  assert "the bank was encoded by other weights" in run.err
+  assert bank_info(notes_bank)["model"]["weights_sha256"] == weights_fingerprint(
+      load_model().model)
 
 
 def test_deleting_a_non_integer_id_is_a_usage_error(notes_bank):

@@ -279,6 +279,7 @@ def encode_to_bank(model: MSAForCausalLM, tokens: np.ndarray, lengths: np.ndarra
 
   from msa_jax.memory.bank import BankSpec
   from msa_jax.memory.store import BankWriter
+  from msa_jax.nn.model import weights_fingerprint
 
   tokens, lengths = np.asarray(tokens), np.asarray(lengths)
   check_documents(tokens, lengths, model.cfg.vocab_size)
@@ -297,7 +298,8 @@ def encode_to_bank(model: MSAForCausalLM, tokens: np.ndarray, lengths: np.ndarra
   if doc_ids is not None and len(doc_ids) != len(lengths):
     raise EncodeError(f"doc_ids: {len(doc_ids)} given for {len(lengths)} documents")
   sha = input_sha256 or fingerprint(tokens, lengths, texts, titles)
-  with BankWriter(path, spec, template=tpl) as writer:
+  with BankWriter(path, spec, template=tpl,
+                  weights_sha256=weights_fingerprint(model)) as writer:
     record = writer.input_record(sha)
     if record is None:
       if writer.next_doc_id and not append:

@@ -55,6 +55,7 @@ manifest.json is a JSON object::
     "shards": [{"name": str, "num_docs": int, "num_chunks": int, "files": FILES,
                 "generation": int}, ...],   # the generation that committed the shard
     "inputs": [{"sha256": str, "num_docs": int, "first_id": int, "committed": int}, ...],
+    "weights_sha256": str | null,   # `nn.model.weights_fingerprint` of the encoding model
     "checksum": str                 # sha256 of the canonical JSON of every other key
   }
 
@@ -69,8 +70,10 @@ from its entry. The manifest's own `checksum` (sha256 of `json.dumps(manifest wi
 damaged manifest is reported as such. Invariants checked on every open: shard names ascend in
 commit order and lie below `next_shard`; shard generations do not decrease and do not pass the
 manifest's; `next_doc_id` is above every stored id; tombstones name stored ids. `checksum`,
-per-shard `generation` and `inputs` were added to version 1 later: manifests without them still
-open (nothing to check), and every write adds them.
+per-shard `generation`, `inputs` and `weights_sha256` were added to version 1 later: manifests
+without them still open (nothing to check), and every write adds them. `weights_sha256` tells
+apart two models of one config (the spec's config fingerprint cannot): a reader or writer that
+names its model's fingerprint is refused a bank encoded by other weights.
 
 `inputs` is what makes `msa_jax.engine.encode.encode_to_bank` resumable without trusting a count:
 one record per input (a fingerprint of all its documents) that an encode committed documents
@@ -539,6 +542,9 @@ def _parse_manifest(raw: bytes, path: pathlib.Path) -> tuple[dict, BankSpec]:
         raise _malformed(path, f"{where}generation={g} is out of order or above the manifest's "
                                f"generation {m['generation']} (generations only grow)")
       last_generation = g
+  if m.get("weights_sha256") is not None and not (
+      isinstance(m["weights_sha256"], str) and _SHA256.match(m["weights_sha256"])):
+    raise _malformed(path, "weights_sha256 is not a sha256 hex digest")
   fingerprints = set()
   for i, rec in enumerate(_get(m, "inputs", list, path) if "inputs" in m else []):
     where = f"inputs[{i}]."
@@ -720,6 +726,14 @@ class ContentReader:
     return self.gather(layer, self.doc_chunks(doc_rows))
 
 
+def _check_weights(m: dict, weights_sha256: str | None, path: pathlib.Path) -> None:
+  stored = m.get("weights_sha256")
+  if weights_sha256 is not None and stored is not None and stored != weights_sha256:
+    raise BankError(f"{path}: the bank was encoded by other weights (weights_sha256 "
+                    f"{stored[:12]}..., this model's {weights_sha256[:12]}...): a model of the "
+                    "same config but other weights would read keys it did not write")
+
+
 def _check_ids(m: dict, ids: np.ndarray, path: pathlib.Path) -> np.ndarray:
   """Checks the manifest's id bookkeeping against the stored ids [M]; returns liveness [M]."""
   if ids.size and int(ids.max()) >= m["next_doc_id"]:
@@ -793,10 +807,12 @@ def _open_once(path: pathlib.Path, m: dict, stored: BankSpec, spec: BankSpec | N
 
 
 def open_bank(path: PathLike, *, spec: BankSpec | None = None, verify: bool = True,
-              mmap: bool = True) -> MemoryBank:
+              mmap: bool = True, weights_sha256: str | None = None) -> MemoryBank:
   """Opens the bank at `path` as a `MemoryBank` of host numpy arrays.
 
   spec: when given, the bank's spec must equal it (else `BankError` naming the fields).
+  weights_sha256: when given (`nn.model.weights_fingerprint`), a bank that records other weights
+    is refused.
   verify: check every file's sha256 against the manifest (reads the whole bank once). Sizes and
     headers are always checked, so a truncated file is caught either way.
   mmap: memory-map the arrays. Content keys/values of a multi-shard bank are then `ChunkArray`s
@@ -804,7 +820,14 @@ def open_bank(path: PathLike, *, spec: BankSpec | None = None, verify: bool = Tr
     memory (a single shard's stay memory-mapped). Without mmap everything is read into memory.
   """
   path = pathlib.Path(path)
-  return _snapshot(path, lambda m, stored: _open_once(path, m, stored, spec, verify, mmap))
+
+  def once(m: dict, stored: BankSpec) -> MemoryBank:
+    if spec is not None:  # another config is the plainer message: say it first
+      _compare_specs(stored, spec, path / MANIFEST)
+    _check_weights(m, weights_sha256, path / MANIFEST)
+    return _open_once(path, m, stored, spec, verify, mmap)
+
+  return _snapshot(path, once)
 
 
 def read_texts(path: PathLike) -> dict[int, DocText]:
@@ -927,11 +950,13 @@ class BankWriter:
 
   spec: required to create a bank; when reopening, it must equal the stored spec (None: take the
     stored one). template: stored when the bank is created; when reopening, it must be identical
-    to the stored template (None: keep it).
+    to the stored template (None: keep it). weights_sha256: the encoding model's
+    `nn.model.weights_fingerprint`, recorded when the bank is created; when reopening, a bank
+    that records other weights is refused.
   """
 
   def __init__(self, path: PathLike, spec: BankSpec | None = None, *,
-               template: Template | None = None):
+               template: Template | None = None, weights_sha256: str | None = None):
     self.path = pathlib.Path(path)
     self._lock_fd = None
     self._closed = False
@@ -942,6 +967,7 @@ class BankWriter:
         self._manifest, self.spec = read_manifest(self.path)
         if spec is not None:
           _compare_specs(self.spec, spec, self.path / MANIFEST)
+        _check_weights(self._manifest, weights_sha256, self.path / MANIFEST)
         self._shard_ids = [self._read_ids(s) for s in self._manifest["shards"]]
         _check_ids(self._manifest, self._all_ids(), self.path / MANIFEST)
         self._cleanup()  # only after the manifest proved consistent: it decides what is garbage
@@ -961,7 +987,7 @@ class BankWriter:
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "spec": _spec_to_json(self.spec),
             "generation": 0, "next_shard": 0, "next_doc_id": 0, "num_docs": 0,
             "num_live_docs": 0, "num_chunks": 0, "tombstones": [], "template": None,
-            "shards": []}
+            "shards": [], "weights_sha256": weights_sha256}
         if template is not None:
           self._manifest["template"] = self._write_template(template)
         self._write_manifest(self._manifest)

@@ -184,3 +184,20 @@ def from_params(cfg: ModelConfig, params) -> MSAForCausalLM:
   nnx.replace_by_pure_dict(state, params)
   nnx.update(model, state)
   return model
+
+
+def weights_fingerprint(model: MSAForCausalLM) -> str:
+  """sha256 of the model's variables as float32 (so a bfloat16 checkpoint and its float32 cast
+  agree), over their paths in sorted order: what a bank records of the weights that encoded it."""
+  import hashlib
+
+  import numpy as np
+
+  leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model)))[0]
+  sha = hashlib.sha256()
+  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    a = np.asarray(jax.device_get(leaf))
+    a = a.astype(np.float32) if np.issubdtype(a.dtype, np.floating) or a.dtype.kind == "V" else a
+    sha.update(f"{jax.tree_util.keystr(path)}{list(a.shape)}".encode())
+    sha.update(np.ascontiguousarray(a).tobytes())
+  return sha.hexdigest()

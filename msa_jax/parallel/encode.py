@@ -62,6 +62,7 @@ def encode_to_process_bank(model: MSAForCausalLM, tokens: np.ndarray, lengths: n
   import ml_dtypes
 
   from msa_jax.memory.store import BankWriter
+  from msa_jax.nn.model import weights_fingerprint
 
   tokens, lengths = np.asarray(tokens), np.asarray(lengths)
   cfg = model.cfg
@@ -71,7 +72,8 @@ def encode_to_process_bank(model: MSAForCausalLM, tokens: np.ndarray, lengths: n
   tpl = None if template is None else stage1.encode_template(model, template, np_dtype)
   pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
   sha = stage1.fingerprint(tokens[start:end], lengths[start:end])
-  with BankWriter(path, BankSpec.for_model(cfg, dtype), template=tpl) as writer:
+  with BankWriter(path, BankSpec.for_model(cfg, dtype), template=tpl,
+                  weights_sha256=weights_fingerprint(model)) as writer:
     if end == start:  # more processes than document groups: this one's bank stays empty
       return start, end
     # The bank remembers what it was encoded from: resume only this process's same documents.
