@@ -285,6 +285,18 @@ class Probe:
     self.case("7", "a NaN weight in an official-format checkpoint", lambda: self.forward(
         OFFICIAL / "fixture.npz", ckpt=nan), 2)
 
+  def mixing(self):
+    from msa_jax.interop import hf
+    bank = self.bank("mix")
+    cfg, params = hf.load_checkpoint(CKPT)
+    params["embed"]["embedding"] = np.asarray(params["embed"]["embedding"]) * 1.001
+    other = self.work / "ckpt_other_weights"
+    hf.save_checkpoint(other, cfg, params)
+    self.case("mix", "generate with same-config, other-weights checkpoint", lambda: [
+        "generate", "--checkpoint", other, "--bank", bank, "--batch", self.work / "req.npz",
+        "--max-new-tokens", 2, "--output", self.work / "gen.npz"], 2,
+        lambda msg: "encoded by other weights" in msg, "named as other weights")
+
   def d8_manifest_faults(self):
     bank = self.bank("d8a")
     text = (bank / "manifest.json").read_text()
@@ -318,7 +330,8 @@ def main(argv):
     probe = Probe(pathlib.Path(tmp))
     for step in (probe.d1_resume_trusts_a_count, probe.d2_lowered_next_shard, probe.d3_token_ids,
                  probe.d4_readers_during_compaction, probe.d5_empty_banks, probe.d6_arguments,
-                 probe.d7_checkpoint_integrity, probe.d8_manifest_faults, probe.d9_compaction):
+                 probe.d7_checkpoint_integrity, probe.mixing, probe.d8_manifest_faults,
+                 probe.d9_compaction):
       step()
   rows = probe.rows
   print(f"{'#':<2} {'case':<56} {'want':>4} {'got':>4}  {'check':<28} message")
