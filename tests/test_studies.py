@@ -121,3 +121,111 @@ def test_summarize_groups_by_task():
   assert s["a"]["accuracy"] == 0.5 and s["a"]["recall"] == 0.75 and s["a"]["latency_s"] == 0.2
   assert s["b"]["recall"] is None and s["b"]["hop_recall"] == [1.0, 0.0]
   assert s["all"]["n"] == 3 and s["all"]["hop_recall"] == [2 / 3, 0.0]
+
+
+# --- RULER-faithful memories --------------------------------------------------------------------
+
+ALL_NIAH = [f"niah_{v}" for v in ("single_1", "single_2", "single_3", "multikey_1", "multikey_2",
+                                  "multikey_3", "multivalue", "multiquery")]
+NEEDLE = "special magic"
+
+
+def _faithful(size, tasks=ALL_NIAH, per_task=2, **kw):
+  return memory.build(tasks, per_task, size, doc_chars=160, docs_per_example=3, seed=0, **kw)
+
+
+def test_the_builder_refuses_a_memory_where_an_asked_key_leaves_its_gold_documents():
+  (mem,) = _faithful(8_000, tasks=["niah_single_2"], per_task=1)
+  memory.check_unambiguous(mem)
+  q = mem.questions[0]
+  stray = next(i for i in range(len(mem.texts)) if i not in q.gold)
+  texts = list(mem.texts)
+  texts[stray] += f" Another one for {q.keys[0]} is: 1234567."
+  with pytest.raises(memory.AmbiguousMemoryError, match=rf"{q.keys[0]}.*documents \[{stray}\]"):
+    memory.check_unambiguous(memory.Memory(tuple(texts), mem.questions, mem.haystack))
+
+
+def test_build_raises_when_the_haystack_would_repeat_an_asked_key(monkeypatch):
+  from msa_jax.data import niah
+  real = niah.haystack_documents
+
+  def leaky(*args, protected_keys=(), **kw):  # a haystack that ignores its protection
+    docs = real(*args, protected_keys=protected_keys, **kw)
+    return [docs[0] + f" {protected_keys[0]}."] + docs[1:] if protected_keys else docs
+
+  monkeypatch.setattr(niah, "haystack_documents", leaky)
+  with pytest.raises(memory.AmbiguousMemoryError, match="also appears in documents"):
+    _faithful(8_000, tasks=["niah_single_2"], per_task=1)
+
+
+@pytest.mark.parametrize("task", ["niah_single_1", "niah_single_2", "niah_single_3"])
+def test_single_needle_memories_hold_no_needle_beyond_the_asked_ones(task):
+  mems = _faithful(60_000, tasks=[task], per_task=3)
+  for m in mems:
+    assert sum(t.count(NEEDLE) for t in m.texts) == len(m.questions)
+    for q in m.questions:
+      assert sum(NEEDLE in m.texts[i] for i in q.gold) == 1
+  assert mems[0].haystack == ("noise" if task == "niah_single_1" else "essay")
+
+
+@pytest.mark.parametrize("task", ["niah_multikey_2", "niah_multikey_3"])
+def test_multi_key_haystacks_of_distractor_needles_never_hold_an_asked_key(task):
+  (m,) = _faithful(60_000, tasks=[task], per_task=3)
+  distractors = [t for i, t in enumerate(m.texts)
+                 if not any(i in q.gold for q in m.questions)]
+  assert sum(t.count(NEEDLE) for t in distractors) > 300  # a haystack of needles ...
+  asked = [k for q in m.questions for k in q.keys] + [a for q in m.questions for a in q.answers]
+  assert not any(k in t for t in distractors for k in asked)  # ... none of them asked
+
+
+def test_variants_with_one_kind_of_haystack_share_memories_and_keys_stay_distinct():
+  mems = _faithful(40_000)
+  assert sorted(m.haystack for m in mems) == ["essay", "needles (uuids/uuids)",
+                                              "needles (words/numbers)", "noise"]
+  keys = [k for m in mems for q in m.questions for k in q.keys]
+  assert len(keys) == len(set(keys))
+  asked = sorted((q.task, q.question) for m in mems for q in m.questions)
+  assert len(asked) == 16 and asked == sorted(
+      (q.task, q.question) for m in _faithful(200_000) for q in m.questions)
+
+
+def test_the_filler_needles_setting_is_the_harder_one_and_stays_unambiguous():
+  (m,) = _faithful(60_000, distractors=memory.Distractors.FILLER_NEEDLES)
+  asked_needles = sum(len(q.answers) for q in m.questions)
+  assert sum(t.count(NEEDLE) for t in m.texts) > 5 * asked_needles
+  memory.check_unambiguous(m)
+  assert m.haystack == "filler examples"
+
+
+def test_an_essay_haystack_of_the_users_text_replaces_the_generated_prose():
+  import pathlib
+  prose = memory.load_essay(pathlib.Path(__file__).parent / "data" / "prose")
+  assert len(prose) > 50 and not any(NEEDLE in s.lower() for s in prose)
+  (m,) = [m for m in _faithful(30_000, tasks=["niah_single_2"], per_task=2, essay=prose)]
+  from msa_jax.data import text
+  stream = " ".join(prose + prose)  # the haystack runs through the sentences, round and round
+  for i, t in enumerate(m.texts):
+    # Documents join whole sentences with spaces: each piece is a needle or the user's text.
+    assert all(s in stream or NEEDLE in s for s in text.split_sentences(t)), (i, t)
+  with pytest.raises(ValueError, match="no .txt files"):
+    memory.load_essay(pathlib.Path(__file__).parent)
+
+
+def test_filler_examples_that_would_repeat_an_asked_key_are_skipped(monkeypatch):
+  import dataclasses
+  from msa_jax.data import synthetic
+  kw = dict(tasks=["niah_single_2"], per_task=1, distractors=memory.Distractors.FILLER_NEEDLES)
+  (clean,) = _faithful(20_000, **kw)
+  key = clean.questions[0].keys[0]
+  real = synthetic.example
+
+  def colliding(task, *, index, **rest):  # every other filler example reuses the asked key
+    ex = real(task, index=index, **rest)
+    if index >= 1_000_000 and index % 2 == 0:
+      ex = dataclasses.replace(ex, docs=(ex.docs[0] + f" Also {key}.",) + ex.docs[1:])
+    return ex
+
+  monkeypatch.setattr(synthetic, "example", colliding)
+  (m,) = _faithful(20_000, **kw)
+  memory.check_unambiguous(m)
+  assert sum(key in t for t in m.texts) == 1

@@ -99,6 +99,7 @@ class Example:
   gold: tuple[int, ...]
   answer_text: str
   hops: tuple[tuple[int, ...], ...] = ()
+  keys: tuple[str, ...] = ()  # every needle key (NIAH); the queried ones come first
 
 
 def join_list(items: Sequence[str]) -> str:
@@ -169,12 +170,31 @@ def _needle_haystack(rng: np.random.Generator, spec: Spec, split: Split, keys: S
 
 
 def _haystack(rng: np.random.Generator, spec: Spec, split: Split, keys: Sequence[str],
-              values: Sequence[str]) -> Iterator[str]:
+              values: Sequence[str], essay: Sequence[str] | None = None) -> Iterator[str]:
   if spec.haystack is Haystack.NOISE:
     return itertools.cycle(text.split_sentences(text.NOISE))
   if spec.haystack is Haystack.ESSAY:
-    return text.essay_sentences(rng)
+    if essay is None:
+      return text.essay_sentences(rng)
+    if not essay:
+      raise ValueError("an essay haystack needs at least one sentence")
+    # Real prose: its sentences in order, from a random place, round and round.
+    start = int(rng.integers(len(essay)))
+    return itertools.cycle(list(essay[start:]) + list(essay[:start]))
   return _needle_haystack(rng, spec, split, keys, values)
+
+
+def haystack_documents(variant: Variant, *, seed: int, split: Split, index: int, num_docs: int,
+                       doc_chars: int, protected_keys: Sequence[str] = (),
+                       protected_values: Sequence[str] = (),
+                       essay: Sequence[str] | None = None) -> list[str]:
+  """num_docs documents of the variant's haystack alone (no needle of an asked key): noise,
+  essay prose (generated, or the sentences of `essay`), or distractor needles whose keys and
+  values clash with none of the protected ones. A pure function of its arguments."""
+  spec = SPECS[variant]
+  rng = np.random.default_rng([seed, int(split), list(Variant).index(variant), index, 1])
+  stream = _haystack(rng, spec, split, protected_keys, protected_values, essay)
+  return text.pack_documents(stream, [[] for _ in range(num_docs)], doc_chars, rng)
 
 
 def assign_documents(rng: np.random.Generator, n_items: int, num_docs: int) -> list[int]:
@@ -186,8 +206,14 @@ def assign_documents(rng: np.random.Generator, n_items: int, num_docs: int) -> l
 
 
 def example(variant: Variant, *, seed: int, split: Split, index: int, num_docs: int,
-            doc_chars: int, id_digits: tuple[int, int] = (1, 6)) -> Example:
-  """The index-th sample of a NIAH variant: num_docs documents of about doc_chars characters."""
+            doc_chars: int, id_digits: tuple[int, int] = (1, 6), protected: Sequence[str] = (),
+            essay: Sequence[str] | None = None) -> Example:
+  """The index-th sample of a NIAH variant: num_docs documents of about doc_chars characters.
+
+  protected: keys of other examples sharing a memory; this example's keys and its distractor
+    needles avoid them (draws only change where they would have clashed).
+  essay: sentences of real prose replacing the generated essay haystack.
+  """
   if num_docs < 1:
     raise ValueError(f"num_docs must be >= 1, got {num_docs}")
   spec = SPECS[variant]
@@ -195,7 +221,7 @@ def example(variant: Variant, *, seed: int, split: Split, index: int, num_docs: 
 
   keys: list[str] = []
   for _ in range(spec.keys):
-    keys.append(_fresh(rng, spec.key, split, keys))
+    keys.append(_fresh(rng, spec.key, split, keys + list(protected)))
   values: list[str] = []
   needles: list[tuple[str, str]] = []
   for key in keys:
@@ -208,7 +234,8 @@ def example(variant: Variant, *, seed: int, split: Split, index: int, num_docs: 
   inserts: list[list[str]] = [[] for _ in range(num_docs)]
   for (key, value), d in zip(needles, where):
     inserts[d].append(needle_sentence(key, value, spec.value))
-  docs = text.pack_documents(_haystack(rng, spec, split, keys, values), inserts, doc_chars, rng)
+  docs = text.pack_documents(_haystack(rng, spec, split, keys + list(protected), values, essay),
+                             inserts, doc_chars, rng)
 
   answers = tuple(v for k, v in needles if k in queried)
   gold = tuple(sorted({d for (k, _), d in zip(needles, where) if k in queried}))
@@ -219,4 +246,5 @@ def example(variant: Variant, *, seed: int, split: Split, index: int, num_docs: 
       question=question(queried, spec.value, spec.values),
       answers=answers,
       gold=gold,
-      answer_text=join_list(answers))
+      answer_text=join_list(answers),
+      keys=tuple(keys))
