@@ -4,7 +4,13 @@
   python experiments/niah.py --sizes=10M,100M --workdir=out/niah_large   # long job, resumable
 
 For every size, the memories (see `msa_jax.studies.memory`) hold the same questions (`--per_task`
-per NIAH variant) among filler documents; each memory is encoded once (stage 1; sizes from
+per NIAH variant). `--distractors=none` (default) is RULER's protocol: each variant's own
+haystack (noise, essay prose, or distractor needles whose keys are never asked) extended to the
+size, holding only the asked needles; variants with the same kind of haystack share a memory.
+`--distractors=filler_needles` is the harder setting (filler examples with their own needles,
+all variants in one memory). `--haystack_dir=DIR` replaces the generated essay prose by the
+sentences of DIR's .txt files (e.g. tests/data/prose). Every asked key is checked to occur only in
+its gold documents; each memory is encoded once (stage 1; sizes from
 `--disk_from` on go to a resumable on-disk bank under <workdir>/banks) and every variant's
 questions are asked of it through Memory Interleave. The dense baseline asks the same model with
 every document of the memory pasted into its prompt (ordinary causal attention, no routing), for
@@ -50,6 +56,12 @@ _DISK_FROM = flags.DEFINE_string("disk_from", "1M", "Sizes from this one on are 
                                  "on-disk bank (resumable), smaller ones in memory.")
 _KEEP_BANKS = flags.DEFINE_bool("keep_banks", True, "Keep on-disk banks after their size is done.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the held-out questions and fillers.")
+_DISTRACTORS = flags.DEFINE_enum_class(
+    "distractors", study_memory.Distractors.NONE, study_memory.Distractors,
+    "none: RULER's haystacks (each variant's own kind, only the asked needles); filler_needles: "
+    "the harder setting (filler examples' needles everywhere).")
+_HAYSTACK_DIR = flags.DEFINE_string("haystack_dir", None, "A directory of .txt files whose "
+                                    "sentences replace the generated essay haystack.")
 _WORKDIR = flags.DEFINE_string("workdir", "out/niah", "Output directory.")
 
 
@@ -61,23 +73,29 @@ def _write_json(path: str, obj) -> None:
 
 
 def _print_table(name: str, summary: dict, tasks) -> None:
-  """recall: the router's recall@k (MSA); in ctx: gold documents whose text was in the context."""
-  print(f"  {name}: {'task':<17} {'acc':>5} {'95% CI':>13} {'recall':>6} {'in ctx':>6} "
-        f"{'docs':>5} {'lat s':>6}")
+  """r@1: the router's best document is gold; recall: recall@k; rank: median best gold rank among
+  the routed documents (>k: beyond them); in ctx: gold documents whose text was in the context."""
+  print(f"  {name}: {'task':<17} {'acc':>5} {'95% CI':>13} {'r@1':>5} {'recall':>6} "
+        f"{'rank':>5} {'in ctx':>6} {'docs':>5} {'lat s':>6}")
   for t in [t for t in tasks if t != "all"] + ["all"]:
     if t not in summary:
       continue
     s = summary[t]
     rec = "  -   " if s["recall"] is None else f"{s['recall']:6.3f}"
+    r1 = "  -  " if s.get("recall_at_1") is None else f"{s['recall_at_1']:5.2f}"
+    rank = ("  -  " if s.get("recall_at_1") is None else
+            "  >k " if s.get("median_gold_rank") is None else f"{s['median_gold_rank']:5.1f}")
     lo, hi = s["accuracy_ci95"]
-    print(f"  {'':<{len(name)}}  {t:<17} {s['accuracy']:5.2f} [{lo:4.2f}, {hi:4.2f}] {rec} "
-          f"{s['hop_recall'][0]:6.3f} {s['docs']:5.1f} {s['latency_s']:6.2f}", flush=True)
+    print(f"  {'':<{len(name)}}  {t:<17} {s['accuracy']:5.2f} [{lo:4.2f}, {hi:4.2f}] {r1} {rec} "
+          f"{rank} {s['hop_recall'][0]:6.3f} {s['docs']:5.1f} {s['latency_s']:6.2f}", flush=True)
 
 
 def run_size(model, tok, data, size: int, workdir: str) -> dict:
   t0 = time.time()
+  essay = study_memory.load_essay(_HAYSTACK_DIR.value) if _HAYSTACK_DIR.value else None
   memories = study_memory.build(_TASKS.value, _PER_TASK.value, size, doc_chars=data.doc_chars,
-                                docs_per_example=data.docs_per_example, seed=_SEED.value)
+                                docs_per_example=data.docs_per_example, seed=_SEED.value,
+                                distractors=_DISTRACTORS.value, essay=essay)
   on_disk = size >= parse_size(_DISK_FROM.value)
   msa, dense, encode_s, bank_bytes, tokens = [], [], 0.0, 0, 0
   rag: dict[str, list] = {k: [] for k in _RAG_K.value}
@@ -105,6 +123,7 @@ def run_size(model, tok, data, size: int, workdir: str) -> dict:
     if bank_dir and not _KEEP_BANKS.value:
       shutil.rmtree(bank_dir)
   result = {"size": size, "label": format_size(size), "memories": len(memories),
+            "haystacks": [f"{m.haystack}: {len(m.questions)} questions" for m in memories],
             "tokens_per_memory": tokens / len(memories), "docs_per_memory":
             sum(len(m.texts) for m in memories) / len(memories),
             "encode_s": encode_s, "bank_bytes": bank_bytes,
@@ -134,12 +153,15 @@ def main(argv):
     print(f"{result['label']}: {result['memories']} memor{'y' if result['memories'] == 1 else 'ies'}"
           f" of {result['tokens_per_memory']:,.0f} tokens, encode {result['encode_s']:.1f} s, "
           f"bank {result['bank_bytes'] / 2**20:.1f} MiB on disk")
+    if result.get("haystacks"):
+      print(f"  memories: {'; '.join(result['haystacks'])}")
     _print_table("MSA", result["msa"], _TASKS.value)
     if result["dense"]:
       _print_table("dense", result["dense"], _TASKS.value)
     for name, summary in result.get("rag", {}).items():
       _print_table(name, summary, [])
   out = {"model": _MODEL.value or "shipped demo", "naming": _NAMING.value.value,
+         "distractors": _DISTRACTORS.value.value, "haystack_dir": _HAYSTACK_DIR.value,
          "router_docs": _ROUTER_DOCS.value, "top_k": model.cfg.msa.top_k_docs,
          "per_task": _PER_TASK.value, "tasks": _TASKS.value, "sizes": results}
   _write_json(os.path.join(_WORKDIR.value, "niah.json"), out)

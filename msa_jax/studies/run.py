@@ -37,6 +37,9 @@ class Outcome:
   docs: int  # documents whose text was in the context
   latency_s: float
   answer: str
+  # The best gold document's rank among the first round's routed documents (by the highest score
+  # over router layers, 1 = best); inf when none was routed, nan when not measured.
+  gold_rank: float = float("nan")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +74,16 @@ def encode(model: MSAForCausalLM, tok: Tokenizer, memory: Memory, *, bank_dir: s
   return Built(BankRunner(model, bank, content=content), encode_s, size)
 
 
+def _gold_rank(q: Question, first: interleave.Round) -> float:
+  best: dict[int, float] = {}
+  for l, ids in first.selected.items():
+    for i, s in zip(ids, first.scores[l]):
+      best[i] = max(best.get(i, -np.inf), s)
+  order = sorted(best, key=lambda i: (-best[i], i))
+  ranks = [order.index(g) + 1 for g in q.gold if g in best]
+  return float(min(ranks)) if ranks else float("inf")
+
+
 def _hop_recall(q: Question, context: Sequence[int]) -> tuple[float, ...]:
   got = set(context)
   return tuple(float(np.mean([x in got for x in hop])) for hop in q.hops)
@@ -103,7 +116,8 @@ def ask_msa(built: Built, tok: Tokenizer, memory: Memory, *, naming: interleave.
               if first else float("nan"))
     out.append(Outcome(q.task, stats.string_match_all(trace.answer, q.answers), recall,
                        _hop_recall(q, trace.retrieved), len(trace.retrieved), latency,
-                       trace.answer))
+                       trace.answer, _gold_rank(q, trace.rounds[0]) if trace.rounds else
+                       float("nan")))
   return out
 
 
@@ -131,6 +145,16 @@ def ask_pasted(model: MSAForCausalLM, tok: Tokenizer, memory: Memory,
   return out
 
 
+def _rank_stats(ranks: Sequence[float]) -> dict:
+  """recall@1 and the median gold rank (None: beyond the routed documents) of measured ranks."""
+  r = np.asarray([x for x in ranks if not np.isnan(x)], np.float64)
+  if not r.size:
+    return {"recall_at_1": None, "median_gold_rank": None}
+  median = float(np.median(r))
+  return {"recall_at_1": float(np.mean(r == 1)),
+          "median_gold_rank": median if np.isfinite(median) else None}
+
+
 def summarize(outcomes: Sequence[Outcome]) -> dict:
   """Per-task means (accuracy with a 95% bootstrap interval), over all tasks as `all`."""
   by: dict[str, list[Outcome]] = {}
@@ -148,5 +172,6 @@ def summarize(outcomes: Sequence[Outcome]) -> dict:
         "hop_recall": [float(np.mean([o.hop_recall[h] for o in os_ if len(o.hop_recall) > h]))
                        for h in range(hops)],
         "docs": float(np.mean([o.docs for o in os_])),
+        **_rank_stats([o.gold_rank for o in os_]),
         "latency_s": float(np.median([o.latency_s for o in os_]))}
   return res
