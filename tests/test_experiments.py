@@ -186,6 +186,23 @@ def test_niah_scaling_binary_writes_results_and_plot_and_resumes(tmp_path):
   assert again.stdout.count("done earlier") == 2
 
 
+def test_niah_binary_takes_a_haystack_of_the_users_text_and_the_harder_setting(tmp_path):
+  base = [sys.executable, str(ROOT / "experiments" / "niah.py"), "--sizes=3K", "--per_task=1",
+          "--dense_max=0", "--rag_k=1", "--tasks=niah_single_2,niah_multikey_2"]
+  subprocess.run(base + [f"--haystack_dir={ROOT / 'tests' / 'data' / 'prose'}",
+                         f"--workdir={tmp_path / 'real'}"], check=True, capture_output=True,
+                 timeout=600)
+  real = json.loads((tmp_path / "real" / "niah.json").read_text())
+  assert real["distractors"] == "none" and real["haystack_dir"].endswith("prose")
+  assert real["sizes"][0]["haystacks"] == ["essay: 1 questions",
+                                           "needles (words/numbers): 1 questions"]
+  subprocess.run(base + ["--distractors=filler_needles", f"--workdir={tmp_path / 'hard'}"],
+                 check=True, capture_output=True, timeout=600)
+  hard = json.loads((tmp_path / "hard" / "niah.json").read_text())
+  assert hard["distractors"] == "filler_needles"
+  assert hard["sizes"][0]["haystacks"] == ["filler examples: 2 questions"]
+
+
 def test_multihop_binary_compares_every_method(tmp_path):
   subprocess.run([sys.executable, str(ROOT / "experiments" / "multihop.py"), "--sizes=2K",
                   "--tasks=bridge", "--per_task=2", "--rag_k=1", "--max_rounds=2",
