@@ -75,44 +75,25 @@ def _load_npz(path, what: str) -> dict[str, np.ndarray]:
   raise InputError(f"cannot read {what} {path}: not an .npz archive (np.savez writes one)")
 
 
-def _positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-  return value
+def _checked(parse, ok, need: str):
+  """An argparse `type` that parses a number and checks it (status 2 with `need` otherwise)."""
+  def convert(text: str):
+    try:
+      value = parse(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(
+          f"{text!r} is not {'an integer' if parse is int else 'a number'}") from None
+    if not ok(value):  # comparisons with nan are false: nan is refused too
+      raise argparse.ArgumentTypeError(f"{text} {need}")
+    return value
+  return convert
 
 
-def _seed(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-  if not -2 ** 63 <= value < 2 ** 63:
-    raise argparse.ArgumentTypeError(f"{value} does not fit in 64 bits")
-  return value
-
-
-def _temperature(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-  if not (np.isfinite(value) and value >= 0):  # nan would silently sample token 0
-    raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0 (0 = greedy)")
-  return value
-
-
-def _top_p(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-  if not 0 < value <= 1:  # false for nan
-    raise argparse.ArgumentTypeError(f"{text} must be in (0, 1]")
-  return value
+_positive_int = _checked(int, lambda v: v >= 1, "must be >= 1")
+_seed = _checked(int, lambda v: -2 ** 63 <= v < 2 ** 63, "does not fit in 64 bits")
+_temperature = _checked(float, lambda v: np.isfinite(v) and v >= 0,
+                        "must be a finite number >= 0 (0 = greedy)")
+_top_p = _checked(float, lambda v: 0 < v <= 1, "must be in (0, 1]")
 
 
 def forward_outputs(checkpoint: str, batch_arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -226,16 +207,9 @@ def _cmd_encode(args) -> int:
                                  dtype=args.dtype, shard_docs=args.shard_docs,
                                  append=args.append, progress=total)
   except (ValueError, BankError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  ids = f"ids {done.first_id}..{done.first_id + done.num_docs - 1}"
-  if done.resumed_from == done.num_docs:
-    print(f"bank {args.bank}: already holds all {done.num_docs} documents of this input ({ids}); "
-          f"nothing to do ({done.bank_docs} live documents)")
-  else:
-    resumed = f", resumed after {done.resumed_from}" if done.resumed_from else ""
-    print(f"bank {args.bank}: encoded {done.num_docs - done.resumed_from} documents{resumed} "
-          f"({ids}); {done.bank_docs} live documents")
+    return _error(e)
+  _report_encode(args.bank, range(done.first_id, done.first_id + done.num_docs),
+                 done.resumed_from, done.bank_docs)
   return 0
 
 
@@ -301,16 +275,20 @@ def _encode_text(args, *, append: bool) -> int:
     done = mem.add_path(args.documents, args.split, append=append, log=True)
   except (ValueError, BankError, OSError) as e:
     return _error(e)
-  n = len(done.ids)
-  ids = f"id {done.ids[0]}" if n == 1 else f"ids {done.ids[0]}..{done.ids[-1]}"
-  if done.resumed_from == n:
-    print(f"bank {args.bank}: already holds all {_count(n, 'document')} of this input ({ids}); "
-          f"nothing to do ({_count(done.live_docs, 'live document')})")
-  else:
-    resumed = f", resumed after {done.resumed_from}" if done.resumed_from else ""
-    print(f"bank {args.bank}: encoded {_count(n - done.resumed_from, 'document')}{resumed} "
-          f"({ids}); {_count(done.live_docs, 'live document')}")
+  _report_encode(args.bank, done.ids, done.resumed_from, done.live_docs)
   return 0
+
+
+def _report_encode(bank: str, ids, resumed_from: int, live: int) -> None:
+  n = len(ids)
+  span = f"id {ids[0]}" if n == 1 else f"ids {ids[0]}..{ids[-1]}"
+  if resumed_from == n:
+    print(f"bank {bank}: already holds all {_count(n, 'document')} of this input ({span}); "
+          f"nothing to do ({_count(live, 'live document')})")
+  else:
+    resumed = f", resumed after {resumed_from}" if resumed_from else ""
+    print(f"bank {bank}: encoded {_count(n - resumed_from, 'document')}{resumed} ({span}); "
+          f"{_count(live, 'live document')}")
 
 
 def _count(n: int, what: str) -> str:

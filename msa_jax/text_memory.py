@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import pathlib
-import time
 from typing import Sequence
 
 import numpy as np
@@ -370,14 +369,8 @@ class TextMemory:
                             naming=protocol.naming, router_docs=protocol.router_docs,
                             max_answer_tokens=max_new_tokens)[0]
 
-    once(qs[0])  # compile
-    out = []
-    for q in qs:
-      t0 = time.perf_counter()
-      trace = once(q)
-      latency = time.perf_counter() - t0
-      out.append(Answer(q, _clean(trace.answer), tuple(_round(r, texts) for r in trace.rounds),
-                        round(latency, 4)))
+    out = [Answer(q, _clean(trace.answer), tuple(_round(r, texts) for r in trace.rounds),
+                  round(latency, 4)) for q, (trace, latency) in zip(qs, interleave.timed(once, qs))]
     return out[0] if single else out
 
 

@@ -37,3 +37,14 @@ def official_model_nodecouple():
 def load_npz(name: str) -> dict[str, np.ndarray]:
   with np.load(OFFICIAL / name) as f:
     return dict(f)
+
+
+def official_request_files(d: pathlib.Path) -> dict[str, np.ndarray]:
+  """Writes the official inference fixture's documents (d/docs.npz: tokens, lengths, template)
+  and stage-2 request (d/req.npz) for the command line; returns the fixture's arrays."""
+  ref = load_npz("fixture_inference.npz")
+  np.savez(d / "docs.npz", tokens=ref["memory_doc_tokens"], lengths=ref["memory_doc_lens_tokens"],
+           template=ref["template_head_ids"])
+  np.savez(d / "req.npz", **{k: ref["stage2_" + k] for k in
+                             ("input_ids", "doc_ids", "attention_mask", "position_ids")})
+  return ref

@@ -11,20 +11,16 @@ import time
 import numpy as np
 import pytest
 
-from conftest import OFFICIAL, load_npz
+from conftest import OFFICIAL, official_request_files
 from msa_jax import cli
 
 CKPT = str(OFFICIAL / "ckpt")
-REQUEST = ("input_ids", "doc_ids", "attention_mask", "position_ids")
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
   d = tmp_path_factory.mktemp("cli_engine")
-  ref = load_npz("fixture_inference.npz")
-  np.savez(d / "docs.npz", tokens=ref["memory_doc_tokens"], lengths=ref["memory_doc_lens_tokens"],
-           template=ref["template_head_ids"])
-  np.savez(d / "req.npz", **{k: ref["stage2_" + k] for k in REQUEST})
+  ref = official_request_files(d)
   assert cli.main(["encode", "--checkpoint", CKPT, "--documents", str(d / "docs.npz"), "--bank",
                    str(d / "bank"), "--shard-docs", "4"]) == 0
   return d, ref

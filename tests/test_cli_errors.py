@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import OFFICIAL, load_npz
+from conftest import OFFICIAL, load_npz, official_request_files
 from msa_jax import cli
 
 CKPT = str(OFFICIAL / "ckpt")
@@ -30,10 +30,7 @@ def run(argv: list[str]) -> int:
 def files(tmp_path_factory):
   """The official fixture's documents encoded into a bank, and its stage-2 request."""
   d = tmp_path_factory.mktemp("cli_errors")
-  ref = load_npz("fixture_inference.npz")
-  np.savez(d / "docs.npz", tokens=ref["memory_doc_tokens"], lengths=ref["memory_doc_lens_tokens"],
-           template=ref["template_head_ids"])
-  np.savez(d / "req.npz", **{k: ref["stage2_" + k] for k in REQUEST})
+  ref = official_request_files(d)
   assert run(["encode", "--checkpoint", CKPT, "--documents", str(d / "docs.npz"), "--bank",
               str(d / "bank")]) == 0
   return d, ref

@@ -78,6 +78,20 @@ Generate = Callable[[Request, int, tuple[int, ...]],
                     tuple[np.ndarray, dict[int, tuple[np.ndarray, np.ndarray]]]]
 
 
+def timed(ask: Callable[[str], Trace], questions: Sequence[str]) -> list[tuple[Trace, float]]:
+  """(trace, seconds) of `ask` on each question, one at a time; the first question is run once
+  before timing, so compilation is not counted (later questions reuse the compiled shapes)."""
+  import time
+  if questions:
+    ask(questions[0])
+  out = []
+  for q in questions:
+    t0 = time.perf_counter()
+    trace = ask(q)
+    out.append((trace, time.perf_counter() - t0))
+  return out
+
+
 def runner_fn(runner) -> Generate:
   """Adapts a `BankRunner` to the `Generate` signature."""
 

@@ -100,17 +100,12 @@ def ask_msa(built: Built, tok: Tokenizer, memory: Memory, *, naming: interleave.
                                       if built.runner.bank.template else 0)
   qs = list(memory.questions if questions is None else questions)
 
-  def once(q: Question):
-    return interleave.run(generate, tok, [q.question], texts, start_position=start,
+  def once(question: str):
+    return interleave.run(generate, tok, [question], texts, start_position=start,
                           max_rounds=max_rounds, naming=naming, router_docs=router_docs)[0]
 
-  if qs:
-    once(qs[0])  # compile
   out = []
-  for q in qs:
-    t0 = time.perf_counter()
-    trace = once(q)
-    latency = time.perf_counter() - t0
+  for q, (trace, latency) in zip(qs, interleave.timed(once, [q.question for q in qs])):
     first = trace.rounds[0].selected if trace.rounds else {}
     recall = (float(np.mean([np.mean([x in sel for x in q.gold]) for sel in first.values()]))
               if first else float("nan"))
