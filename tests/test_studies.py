@@ -229,3 +229,14 @@ def test_filler_examples_that_would_repeat_an_asked_key_are_skipped(monkeypatch)
   (m,) = _faithful(20_000, **kw)
   memory.check_unambiguous(m)
   assert sum(key in t for t in m.texts) == 1
+
+
+def test_the_settings_plot_draws_several_runs(tmp_path):
+  from msa_jax.studies import plots
+  def run_(acc):
+    s = {"accuracy": acc, "recall_at_1": acc}
+    return {"tasks": ["niah_single_1", "niah_multikey_2"], "sizes": [
+        {"tokens_per_memory": n, "msa": {"all": s, "niah_single_1": s, "niah_multikey_2": s},
+         "rag": {"rag@1": {"all": s}}} for n in (16_000, 1_000_000)]}
+  plots.settings({"a": run_(0.5), "b": run_(0.9)}, str(tmp_path / "p.png"))
+  assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

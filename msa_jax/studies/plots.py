@@ -52,3 +52,41 @@ def scaling(result: dict, path: str) -> None:
   axes[2].legend(fontsize=8)
   fig.suptitle(f"NIAH vs memory size ({result['model']}, documents named by {result['naming']})")
   _save(fig, path)
+
+
+def settings(runs: dict[str, dict], path: str) -> None:
+  """Accuracy (all variants, and the single-needle ones) and router recall@1 vs memory size for
+  several NIAH runs (name -> niah.json), MSA solid, BM25 top-1 (equal documents) dashed."""
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+  cmap = plt.get_cmap("tab10")
+  for i, (name, result) in enumerate(runs.items()):
+    sizes = result["sizes"]
+    x = [s["tokens_per_memory"] for s in sizes]
+    single = [t for t in result["tasks"] if t.startswith("niah_single")]
+
+    def mean_acc(summary: dict, tasks) -> float | None:
+      got = [summary[t]["accuracy"] for t in tasks if t in summary]
+      return sum(got) / len(got) if got else None
+
+    style = dict(color=cmap(i), marker="o")
+    axes[0].plot(x, [s["msa"]["all"]["accuracy"] for s in sizes], label=f"MSA, {name}", **style)
+    rag = [(xi, s["rag"]["rag@1"]["all"]["accuracy"]) for xi, s in zip(x, sizes)
+           if "rag@1" in s.get("rag", {})]
+    if rag:
+      axes[0].plot(*zip(*rag), linestyle="--", color=cmap(i), marker="s",
+                   label=f"BM25 top-1, {name}")
+    if single:
+      axes[1].plot(x, [mean_acc(s["msa"], single) for s in sizes], label=f"MSA, {name}",
+                   **style)
+    axes[2].plot(x, [s["msa"]["all"].get("recall_at_1") for s in sizes], label=name, **style)
+  titles = ["accuracy, all variants asked", "accuracy, single-needle variants",
+            "router recall@1 (best document is gold)"]
+  for ax, title in zip(axes, titles):
+    ax.set_xscale("log")
+    ax.set_xlabel("memory size (tokens)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+  fig.suptitle("NIAH vs memory size, by haystack setting")
+  _save(fig, path)
