@@ -416,9 +416,9 @@ def _model_args(p, *, text: bool) -> None:
 
 def _text_args(p) -> None:
   p.add_argument("--split", type=_split, default=None,
-                 help="file | paragraph | chars:N (default: JSONL records whole; text files in "
-                      "pieces of the model's trained document size, chars:160 for the shipped "
-                      "models, else paragraphs)")
+                 help="file | paragraph | chars:N (default: text, and JSONL records without an "
+                      "id, in pieces of the model's trained document size, chars:160 for the "
+                      "shipped models; else paragraphs)")
 
 
 def main(argv: list[str] | None = None) -> int:

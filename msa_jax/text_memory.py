@@ -30,7 +30,7 @@ import numpy as np
 
 from msa_jax import demo
 from msa_jax.data import render
-from msa_jax.data.documents import Split, SplitKind, TextDoc, read_documents
+from msa_jax.data.documents import Split, SplitKind, TextDoc, read_documents, split_text
 from msa_jax.data.tokenizer import SPECIAL_TEXT, Tokenizer, load_tokenizer
 from msa_jax.engine import encode, interleave
 from msa_jax.engine.interleave import Naming
@@ -281,11 +281,20 @@ class TextMemory:
     return self.add_documents([TextDoc(t, h, i) for t, h, i in zip(texts, titles, ids)]).ids
 
   def read_path(self, path: PathLike, split: Split | None = None) -> list[TextDoc]:
-    """The documents of a .jsonl / .txt / .md file or a directory of them. split: None keeps
-    JSONL records whole and splits text into the model's trained document size."""
-    p = pathlib.Path(path)
-    return read_documents(p, split if split is not None or p.suffix.lower() == ".jsonl"
-                          else self.m.default_split)
+    """The documents of a .jsonl / .txt / .md file or a directory of them.
+
+    split None: text, and JSONL records without an "id", are cut into pieces of the model's
+    trained document size (`Model.default_split`: the shipped models answer from ~160-character
+    documents and fail on much longer ones); a record that names its id stays one document.
+    """
+    if split is not None:
+      return read_documents(path, split)
+    docs = read_documents(path, None)
+    if not self.m.doc_chars:
+      return docs
+    return [piece for d in docs for piece in (
+        [d] if d.id is not None else
+        [TextDoc(t, d.title) for t in split_text(d.text, self.m.default_split)])]
 
   def add_path(self, path: PathLike, split: Split | None = None, *, append: bool = True,
                log: bool = False) -> Added:

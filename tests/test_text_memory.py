@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from msa_jax import cli
-from msa_jax.data.documents import Split, TextDoc, read_documents
+from msa_jax.data.documents import Split, TextDoc, read_documents, split_text
 from msa_jax.memory import store
 from msa_jax.nn.model import weights_fingerprint
 from msa_jax.text_memory import TextMemory, bank_info, load_model
@@ -122,6 +122,19 @@ def test_jsonl_ids_and_titles_round_trip_through_the_bank(tmp_path):
       7: store.DocText("The seventh note is about rivers.", "Seven"),
       3: store.DocText("The third note is about\n\nmountains.", "Three"),  # records stay whole
       12: store.DocText("The twelfth note has no title.", None)}
+
+
+def test_jsonl_records_without_ids_are_cut_to_the_models_document_size(tmp_path):
+  long = " ".join(f"Sentence number {i} says a little more about the river." for i in range(12))
+  docs = write(tmp_path / "docs.jsonl", "\n".join(json.dumps(r) for r in [
+      {"title": "River", "text": long}, {"text": "Short and whole."}]) + "\n")
+  ok("encode", "--documents", docs, "--bank", tmp_path / "bank")
+  pieces = split_text(long, Split.parse("chars:160"))  # the shipped models' trained size
+  assert len(pieces) > 3
+  assert stored(tmp_path / "bank") == [(i, t, "River") for i, t in enumerate(pieces)] + [
+      (len(pieces), "Short and whole.", None)]
+  ok("encode", "--documents", docs, "--bank", tmp_path / "whole", "--split", "file")
+  assert [t for _, t, _ in stored(tmp_path / "whole")] == [long, "Short and whole."]
 
 
 def test_a_txt_file_is_split_into_the_models_document_size_titled_by_its_name(tmp_path):
