@@ -182,7 +182,7 @@ class Probe:
     batch = dict(self.batch)
     batch["input_ids"] = batch["input_ids"].copy()
     batch["input_ids"][0, 2] = VOCAB + 10
-    self.case("3", f"forward with an input id >= vocab",
+    self.case("3", "forward with an input id >= vocab",
               lambda: self.forward(self.npz("fwd_id.npz", batch)), 2)
     batch = dict(self.batch)
     batch["position_ids"] = batch["position_ids"] - 100

@@ -7,7 +7,6 @@ SPEC §4: documents and active tokens packed in one sequence.
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
