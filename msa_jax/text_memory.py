@@ -195,10 +195,8 @@ class TextMemory:
     NIAH model). An existing bank must have been built for the same model."""
     mem = cls(path, load_model(checkpoint, tokenizer), **kw)
     if (mem.path / store.MANIFEST).exists():
-      m, stored = store.read_manifest(mem.path)
-      mem.dtype = stored.dtype
-      store._compare_specs(stored, mem.spec, mem.path / store.MANIFEST)
-      store._check_weights(m, mem.weights_sha256, mem.path / store.MANIFEST)
+      mem.dtype = store.read_manifest(mem.path)[1].dtype
+      store.check_model(mem.path, mem.spec, mem.weights_sha256)
     return mem
 
   @property

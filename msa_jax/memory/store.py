@@ -566,6 +566,19 @@ def _parse_manifest(raw: bytes, path: pathlib.Path) -> tuple[dict, BankSpec]:
   return m, spec
 
 
+def check_model(path: PathLike, spec: BankSpec | None = None,
+                weights_sha256: str | None = None) -> BankSpec:
+  """Raises `BankError` unless the bank at `path` was built for `spec` (when given) by weights
+  with this fingerprint (when given and recorded); returns the stored spec. Reads the manifest
+  only."""
+  path = pathlib.Path(path)
+  m, stored = read_manifest(path)
+  if spec is not None:
+    _compare_specs(stored, spec, path / MANIFEST)
+  _check_weights(m, weights_sha256, path / MANIFEST)
+  return stored
+
+
 def read_manifest(path: PathLike) -> tuple[dict, BankSpec]:
   """The validated manifest of the bank at `path` and its spec."""
   path = pathlib.Path(path)
