@@ -376,7 +376,7 @@ class TextMemory:
                             naming=protocol.naming, router_docs=protocol.router_docs,
                             max_answer_tokens=max_new_tokens)[0]
 
-    out = [Answer(q, _clean(trace.answer), tuple(_round(r, texts) for r in trace.rounds),
+    out = [Answer(q, clean_answer(trace.answer), tuple(_round(r, texts) for r in trace.rounds),
                   round(latency, 4)) for q, (trace, latency) in zip(qs, interleave.timed(once, qs))]
     return out[0] if single else out
 
@@ -402,7 +402,7 @@ def bank_info(path: PathLike) -> dict:
           "inputs": len(m.get("inputs", []))}
 
 
-def _clean(answer: str) -> str:
+def clean_answer(answer: str) -> str:
   """The answer up to the first control string: what follows it is not part of the answer."""
   for t in SPECIAL_TEXT.values():
     answer = answer.split(t, 1)[0]

@@ -420,3 +420,10 @@ def test_encoding_another_folder_into_the_bank_needs_append(notes_bank, tmp_path
   assert (bank / store.MANIFEST).read_bytes() == manifest
   ok("encode", "--documents", other, "--bank", bank, "--append")
   assert stored(bank)[-1] == (5, "A different note.", "a.txt")
+
+
+def test_an_answer_ends_at_the_models_first_control_token():
+  from msa_jax.text_memory import clean_answer
+  assert clean_answer(" 4172093<|im_end|>noise") == "4172093"
+  assert clean_answer("4172]<|object_ref_end|>Th-rivee tior<|im_end|>") == "4172]"
+  assert clean_answer("no control token ") == "no control token"
