@@ -101,6 +101,11 @@ class Example:
   hops: tuple[tuple[int, ...], ...] = ()
   keys: tuple[str, ...] = ()  # every needle key (NIAH); the queried ones come first
 
+  @property
+  def rounds(self) -> tuple[tuple[int, ...], ...]:
+    """Gold document indices per retrieval round (NIAH: one round with every gold document)."""
+    return self.hops if self.hops else (self.gold,)
+
 
 def join_list(items: Sequence[str]) -> str:
   """RULER's list rendering: "a", "a and b", "a, b, and c"."""

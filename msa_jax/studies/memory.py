@@ -33,7 +33,6 @@ import numpy as np
 from msa_jax.data import niah, render, synthetic, text
 from msa_jax.data.text import Split
 from msa_jax.data.tokenizer import Tokenizer
-from msa_jax.train import batches
 
 # Tokens a rendered document adds beyond its text: `<|im_start|>[id]. ` ... `[id]<|im_end|>`.
 _FRAME = 14
@@ -249,7 +248,7 @@ def _build_group(kind, asked, tasks, size_tokens: int, *, seed: int, split: Spli
       queried = ex.keys[:spec.queries] if spec else ()
       questions.append(Question(task=task, question=ex.question, answers=tuple(ex.answers),
                                 gold=ids(ex.gold),
-                                hops=tuple(ids(h) for h in batches.rounds_of(ex)),
+                                hops=tuple(ids(h) for h in ex.rounds),
                                 keys=tuple(queried)))
       first += len(ex.docs)
     memories.append(Memory(texts=shuffled, questions=tuple(questions),

@@ -56,8 +56,8 @@ class TaskMix:
 
 
 def rounds_of(ex: niah.Example) -> tuple[tuple[int, ...], ...]:
-  """Gold document indices per retrieval round (NIAH: one round with every gold document)."""
-  return ex.hops if ex.hops else (ex.gold,)
+  """Gold document indices per retrieval round (`niah.Example.rounds`)."""
+  return ex.rounds
 
 
 @dataclasses.dataclass(frozen=True)
