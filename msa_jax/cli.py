@@ -117,10 +117,8 @@ def forward_outputs(checkpoint: str, batch_arrays: dict[str, np.ndarray]) -> dic
 
 
 def _to_float32(params):
-  import jax
-  import jax.numpy as jnp
-  return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating)
-                      else x, params)
+  from msa_jax.text_memory import float32_params
+  return float32_params(params)
 
 
 def compare(ours: dict[str, np.ndarray], reference: dict[str, np.ndarray],

@@ -84,18 +84,23 @@ def checkpoint_dir(checkpoint: PathLike | None) -> pathlib.Path:
   return pathlib.Path(checkpoint)
 
 
+def float32_params(params):
+  """Floating-point leaves as float32 (the command line and the text path run in float32)."""
+  import jax
+  import jax.numpy as jnp
+  return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating)
+                      else x, params)
+
+
 def load_model(checkpoint: PathLike | None = None, tokenizer: PathLike | None = None) -> Model:
   """Loads a checkpoint (float32) with its tokenizer (`tokenizer.json` in the checkpoint, or
   `tokenizer` to override it)."""
   from msa_jax.interop import hf
   from msa_jax.nn.model import from_params
-  import jax
-  import jax.numpy as jnp
 
   d = checkpoint_dir(checkpoint)
   cfg, params = hf.load_checkpoint(d)
-  params = jax.tree.map(lambda x: x.astype(jnp.float32)
-                        if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+  params = float32_params(params)
   try:
     tok = load_tokenizer(tokenizer if tokenizer is not None else d)
   except ValueError as e:
